@@ -1,0 +1,137 @@
+import gzip
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vgg_dist.data import EpochBatchSampler, SPLIT_FILES, load_dataset, read_idx, to_model_input, write_idx
+from vgg_dist.errors import UsageError
+from vgg_dist.synthetic import make_images, write_dataset
+
+
+def test_idx_round_trip(tmp_path):
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    write_idx(tmp_path / "x.gz", images)
+    assert torch.equal(read_idx(tmp_path / "x.gz", expected_dims=3), images)
+
+
+def test_dataset_round_trip_keeps_uint8_28x28(tmp_path):
+    write_dataset(tmp_path, train=12, test=5)
+    data = load_dataset("fashion_mnist", tmp_path)
+    assert data.train.images.shape == (12, 1, 28, 28) and data.train.images.dtype == torch.uint8
+    assert data.test.labels.shape == (5,) and data.test.labels.dtype == torch.int64
+    assert data.class_names[0] == "T-shirt/top" and data.class_names[9] == "Ankle boot"
+
+
+def test_plain_decompressed_files_are_accepted(tmp_path):
+    write_dataset(tmp_path, train=12, test=5)
+    for path in tmp_path.glob("*.gz"):
+        path.with_suffix("").write_bytes(gzip.decompress(path.read_bytes()))
+        path.unlink()
+    assert len(load_dataset("fashion_mnist", tmp_path).train) == 12
+
+
+def _corrupt(tmp_path, name, payload: bytes, compress=True):
+    write_dataset(tmp_path, train=12, test=5)
+    (tmp_path / name).write_bytes(gzip.compress(payload) if compress else payload)
+
+
+def _idx(magic_dims: int, shape, body: bytes) -> bytes:
+    return struct.pack(">HBB", 0, 8, magic_dims) + struct.pack(f">{len(shape)}I", *shape) + body
+
+
+CORRUPTIONS = {
+    "truncated gzip": ("train-images-idx3-ubyte.gz", None, "not a readable gzip file"),
+    "not gzip": ("train-images-idx3-ubyte.gz", (b"hello, this is not gzip", False), "not a readable gzip file"),
+    "wrong magic": ("train-images-idx3-ubyte.gz", (_idx(1, [12], bytes(12)), True), "wrong magic number"),
+    "too short": ("train-labels-idx1-ubyte.gz", (b"\x00\x00", True), "too short"),
+    "body shorter than header says": ("train-images-idx3-ubyte.gz", (_idx(3, [12, 28, 28], bytes(100)), True),
+                                      "header promises shape"),
+    "count mismatch": ("train-labels-idx1-ubyte.gz", (_idx(1, [11], bytes(11)), True), "holds 11 labels"),
+    "label out of range": ("t10k-labels-idx1-ubyte.gz", (_idx(1, [5], bytes([0, 1, 2, 10, 3])), True),
+                           "label 10 is not below the 10 classes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_each_corruption_names_the_file(tmp_path, case):
+    name, payload, message = CORRUPTIONS[case]
+    if payload is None:  # cut a valid gzip file in half
+        write_dataset(tmp_path, train=12, test=5)
+        whole = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(whole[: len(whole) // 2])
+    else:
+        _corrupt(tmp_path, name, *payload)
+    with pytest.raises(UsageError, match=message) as caught:
+        load_dataset("fashion_mnist", tmp_path)
+    assert name in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_file_names_the_flag_and_the_file(tmp_path):
+    write_dataset(tmp_path, train=12, test=5)
+    (tmp_path / SPLIT_FILES["test"][0]).unlink()
+    with pytest.raises(UsageError, match="--data-dir .* missing t10k-images-idx3-ubyte.gz"):
+        load_dataset("fashion_mnist", tmp_path)
+
+
+def test_validation_survives_python_O(tmp_path):
+    write_dataset(tmp_path, train=12, test=5)
+    _corrupt(tmp_path, "train-labels-idx1-ubyte.gz", _idx(1, [11], bytes(11)))
+    code = f"from vgg_dist.data import load_dataset; load_dataset('fashion_mnist', {str(tmp_path)!r})"
+    result = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "holds 11 labels" in result.stderr
+
+
+def test_offline_hub_says_how_to_get_the_data(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-vgg-dist-cache")
+    with pytest.raises(UsageError) as caught:
+        load_dataset("fashion_mnist", None)
+    message = str(caught.value)
+    assert "--data-dir" in message and "train-images-idx3-ubyte.gz" in message and "\n" not in message
+    assert message.startswith("no fashion_mnist data: zalando-datasets/fashion_mnist could not be loaded")
+
+
+def test_sampler_order_depends_only_on_seed_and_epoch():
+    a = EpochBatchSampler(100, 8, shuffle=True, drop_last=True, seed=3)
+    b = EpochBatchSampler(100, 8, shuffle=True, drop_last=True, seed=3)
+    a.set_epoch(2), b.set_epoch(2)
+    assert list(a) == list(b) and len(list(a)) == len(a) == 12
+    b.set_epoch(3)
+    assert list(a) != list(b)
+    everything = sorted(i for batch in EpochBatchSampler(100, 8, False, False) for i in batch)
+    assert everything == list(range(100))
+
+
+def test_sampler_skip_continues_the_same_permutation():
+    whole = EpochBatchSampler(100, 8, shuffle=True, drop_last=True, seed=3)
+    whole.set_epoch(1)
+    rest = EpochBatchSampler(100, 8, shuffle=True, drop_last=True, seed=3)
+    rest.set_epoch(1, skip_batches=5)
+    assert list(rest) == list(whole)[5:] and len(rest) == 7
+
+
+def test_model_input_is_resized_and_scaled():
+    images = torch.tensor([[[[0, 255], [255, 0]]]], dtype=torch.uint8)
+    x = to_model_input(images, 32)
+    assert x.shape == (1, 1, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= 0 and x.max() <= 1
+    assert x[0, 0, 0, 0] == 0 and x[0, 0, 0, -1] == 1  # corners keep their pixel
+
+
+def test_device_resize_is_close_to_the_chapters_pil_resize():
+    from PIL import Image
+    from torchvision import transforms
+    images, _ = make_images(16, seed=4)
+    pil = transforms.Compose([transforms.Resize(224), transforms.ToTensor()])
+    reference = torch.stack([pil(Image.fromarray(image.numpy())) for image in images])
+    ours = to_model_input(images.unsqueeze(1), 224)
+    difference = (ours - reference).abs()
+    # The same bilinear filter both ways: PIL only rounds its result to 8 bits, so they differ by at
+    # most one grey level.
+    assert difference.max() <= 1 / 255 + 1e-6
+    assert difference.mean() < 0.5 / 255

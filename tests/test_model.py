@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from vgg_dist.model import ARCHITECTURES, ModelSpec, build_model, count_parameters, main, shape_table
+
+# The table d2l's VGG chapter prints for VGG-11 at full width and 224x224.
+CHAPTER_TABLE = [
+    ("Sequential", [1, 64, 112, 112]),
+    ("Sequential", [1, 128, 56, 56]),
+    ("Sequential", [1, 256, 28, 28]),
+    ("Sequential", [1, 512, 14, 14]),
+    ("Sequential", [1, 512, 7, 7]),
+    ("Flatten", [1, 25088]),
+    ("Linear", [1, 4096]),
+    ("ReLU", [1, 4096]),
+    ("Dropout", [1, 4096]),
+    ("Linear", [1, 4096]),
+    ("ReLU", [1, 4096]),
+    ("Dropout", [1, 4096]),
+    ("Linear", [1, 10]),
+]
+
+
+def test_shape_table_matches_the_chapter():
+    spec = ModelSpec(arch="vgg11", width_divisor=1, image_size=224)
+    assert shape_table(build_model(spec), spec) == CHAPTER_TABLE
+
+
+def test_chapter_model_flattens_channels_times_seven_squared():
+    spec = ModelSpec()  # the chapter's trained model: channels / 4
+    model = build_model(spec)
+    assert model[6].in_features == 128 * 7 * 7
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_cli_prints_the_table(capsys):
+    assert main(["--arch", "vgg11", "--width-divisor", "1", "--image-size", "224"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "Sequential output shape:\t [1, 64, 112, 112]"
+    assert out[-2] == "Linear output shape:\t [1, 10]"
+    assert out[-1] == "128,806,154 parameters"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_every_parameter_learns_and_nothing_is_nan(arch, batch_norm):
+    spec = ModelSpec(arch=arch, width_divisor=16, batch_norm=batch_norm, image_size=64, hidden_size=32,
+                     num_classes=7, in_channels=3)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    logits = model(torch.rand(4, 3, 64, 64))
+    assert logits.shape == (4, 7)
+    torch.nn.functional.cross_entropy(logits, torch.arange(4)).backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+    convs = sum(num_convs for num_convs, _ in ARCHITECTURES[arch])
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == convs
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == (convs if batch_norm else 0)
+
+
+@pytest.mark.parametrize("size", [32, 96, 256])
+def test_any_multiple_of_32_works(size):
+    spec = ModelSpec(width_divisor=16, image_size=size, hidden_size=16)
+    assert build_model(spec)(torch.rand(2, 1, size, size)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("size", [0, 16, 31, 33, 100, 225])
+def test_other_image_sizes_are_refused(size):
+    with pytest.raises(ValueError, match="image_size must be a multiple of 32"):
+        build_model(ModelSpec(image_size=size))
+
+
+def test_cli_refuses_a_bad_size_with_one_line(capsys):
+    assert main(["--image-size", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--image-size" in err
+
+
+def test_xavier_init_as_the_chapter():
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(width_divisor=4, image_size=32, hidden_size=256))
+    linear = model[6]
+    bound = (6 / (linear.in_features + linear.out_features)) ** 0.5
+    assert linear.weight.abs().max() <= bound
+    # Xavier-uniform fills the whole range; PyTorch's default init (bound 1/sqrt(fan_in)) would not reach it.
+    assert linear.weight.abs().max() > 0.95 * bound

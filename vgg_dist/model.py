@@ -1,0 +1,167 @@
+"""VGG for small grayscale images, as built in d2l's VGG chapter. Plain PyTorch, no distributed code.
+
+Print the chapter's per-block shape table for any configuration:
+
+    python -m vgg_dist.model --arch vgg11 --width-divisor 1 --image-size 224
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import torch
+from torch import nn
+
+# (number of 3x3 convs, output channels) per block; each block ends in a 2x2 max-pool.
+# vgg11 is the chapter's conv_arch; the others are Simonyan & Zisserman's configurations B, D and E.
+ARCHITECTURES: dict[str, tuple[tuple[int, int], ...]] = {
+    "vgg11": ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512)),
+    "vgg13": ((2, 64), (2, 128), (2, 256), (2, 512), (2, 512)),
+    "vgg16": ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512)),
+    "vgg19": ((2, 64), (2, 128), (4, 256), (4, 512), (4, 512)),
+}
+
+# Five 2x2 pools halve the image five times, so the flatten size is channels * (size/32)^2.
+SIZE_STEP = 2 ** 5
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything that decides the model's parameter shapes and forward pass."""
+
+    arch: str = "vgg11"
+    width_divisor: int = 4  # the chapter's `ratio`: conv channels are divided by it
+    batch_norm: bool = False
+    in_channels: int = 1
+    num_classes: int = 10
+    image_size: int = 224
+    hidden_size: int = 4096  # width of the two hidden fully connected layers
+    dropout: float = 0.5
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, what is wrong and what is allowed) for each reason this spec cannot build a model."""
+        found = []
+        if self.arch not in ARCHITECTURES:
+            found.append(("arch", f"{self.arch!r} is unknown; choose one of {', '.join(ARCHITECTURES)}"))
+        else:
+            narrowest = min(channels for _, channels in ARCHITECTURES[self.arch])
+            if not 1 <= self.width_divisor <= narrowest:
+                found.append(("width_divisor", f"must be between 1 and {narrowest} for {self.arch}, "
+                                               f"got {self.width_divisor}"))
+        if self.image_size < SIZE_STEP or self.image_size % SIZE_STEP:
+            found.append(("image_size", f"must be a multiple of {SIZE_STEP} and at least {SIZE_STEP} "
+                                        f"(the model halves it five times), got {self.image_size}"))
+        for name in ("in_channels", "num_classes", "hidden_size"):
+            if getattr(self, name) < 1:
+                found.append((name, f"must be at least 1, got {getattr(self, name)}"))
+        if not 0.0 <= self.dropout < 1.0:
+            found.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
+        return found
+
+    @property
+    def conv_arch(self) -> tuple[tuple[int, int], ...]:
+        return tuple((convs, channels // self.width_divisor) for convs, channels in ARCHITECTURES[self.arch])
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelSpec:
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model fields: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+def vgg_block(num_convs: int, in_channels: int, out_channels: int, batch_norm: bool = False) -> nn.Sequential:
+    """`num_convs` 3x3 same-padding convolutions with ReLU, then a 2x2 max-pool that halves the image."""
+    layers: list[nn.Module] = []
+    for _ in range(num_convs):
+        # A conv followed by BatchNorm needs no bias: BatchNorm's shift replaces it.
+        layers.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(out_channels))
+        layers.append(nn.ReLU())
+        in_channels = out_channels
+    layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    return nn.Sequential(*layers)
+
+
+def build_model(spec: ModelSpec) -> nn.Sequential:
+    """The chapter's `vgg(conv_arch)`: conv blocks, then three fully connected layers, Xavier-initialised.
+
+    A flat Sequential like the chapter's, so its parameter names (`0.0.weight`, ... `11.bias`) and the
+    shape table below match the book.
+    """
+    problems = spec.problems()
+    if problems:
+        raise ValueError("; ".join(f"{name} {message}" for name, message in problems))
+    blocks = []
+    in_channels = spec.in_channels
+    for num_convs, out_channels in spec.conv_arch:
+        blocks.append(vgg_block(num_convs, in_channels, out_channels, spec.batch_norm))
+        in_channels = out_channels
+    side = spec.image_size // SIZE_STEP
+    model = nn.Sequential(
+        *blocks,
+        nn.Flatten(),
+        nn.Linear(in_channels * side * side, spec.hidden_size), nn.ReLU(), nn.Dropout(spec.dropout),
+        nn.Linear(spec.hidden_size, spec.hidden_size), nn.ReLU(), nn.Dropout(spec.dropout),
+        nn.Linear(spec.hidden_size, spec.num_classes),
+    )
+    model.apply(_xavier_init)
+    return model
+
+
+def _xavier_init(module: nn.Module) -> None:
+    # As the chapter: Xavier-uniform weights for conv and linear layers, PyTorch's default biases.
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.xavier_uniform_(module.weight)
+
+
+def shape_table(model: nn.Sequential, spec: ModelSpec) -> list[tuple[str, list[int]]]:
+    """(layer class name, output shape) for each top-level layer on one blank image, as the chapter prints."""
+    x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
+    rows = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for layer in model:
+            x = layer(x)
+            rows.append((type(layer).__name__, list(x.shape)))
+    model.train(was_training)
+    return rows
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = ModelSpec()
+    parser = argparse.ArgumentParser(prog="python -m vgg_dist.model", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default=defaults.arch, choices=sorted(ARCHITECTURES))
+    parser.add_argument("--width-divisor", type=int, default=defaults.width_divisor)
+    parser.add_argument("--image-size", type=int, default=defaults.image_size)
+    parser.add_argument("--batch-norm", action="store_true")
+    parser.add_argument("--in-channels", type=int, default=defaults.in_channels)
+    parser.add_argument("--num-classes", type=int, default=defaults.num_classes)
+    parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
+    args = parser.parse_args(argv)
+    spec = ModelSpec(arch=args.arch, width_divisor=args.width_divisor, batch_norm=args.batch_norm,
+                     in_channels=args.in_channels, num_classes=args.num_classes, image_size=args.image_size,
+                     hidden_size=args.hidden_size)
+    problems = spec.problems()
+    if problems:
+        name, message = problems[0]
+        print(f"error: --{name.replace('_', '-')} {message}", file=sys.stderr)
+        return 2
+    model = build_model(spec)
+    for name, shape in shape_table(model, spec):
+        print(f"{name} output shape:\t {shape}")
+    print(f"{count_parameters(model):,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
