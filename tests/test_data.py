@@ -99,9 +99,9 @@ def test_offline_hub_says_how_to_get_the_data(monkeypatch):
 def test_sampler_order_depends_only_on_seed_and_epoch():
     a = EpochBatchSampler(100, 8, shuffle=True, drop_last=True, seed=3)
     b = EpochBatchSampler(100, 8, shuffle=True, drop_last=True, seed=3)
-    a.set_epoch(2), b.set_epoch(2)
+    a.start_epoch(2), b.start_epoch(2)
     assert list(a) == list(b) and len(list(a)) == len(a) == 12
-    b.set_epoch(3)
+    b.start_epoch(3)
     assert list(a) != list(b)
     everything = sorted(i for batch in EpochBatchSampler(100, 8, False, False) for i in batch)
     assert everything == list(range(100))
@@ -109,9 +109,9 @@ def test_sampler_order_depends_only_on_seed_and_epoch():
 
 def test_sampler_skip_continues_the_same_permutation():
     whole = EpochBatchSampler(100, 8, shuffle=True, drop_last=True, seed=3)
-    whole.set_epoch(1)
+    whole.start_epoch(1)
     rest = EpochBatchSampler(100, 8, shuffle=True, drop_last=True, seed=3)
-    rest.set_epoch(1, skip_batches=5)
+    rest.start_epoch(1, skip_batches=5)
     assert list(rest) == list(whole)[5:] and len(rest) == 7
 
 

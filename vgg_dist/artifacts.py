@@ -61,10 +61,14 @@ def append_jsonl(path: Path, record: dict) -> None:
         os.fsync(handle.fileno())
 
 
+def weights_metadata(spec: ModelSpec) -> dict[str, str]:
+    """The safetensors header entries that let a weights file be checked against a model before loading."""
+    return {"format": "pt", SPEC_METADATA_KEY: json.dumps(spec_dict(spec), sort_keys=True)}
+
+
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], spec: ModelSpec) -> None:
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
-    metadata = {"format": "pt", SPEC_METADATA_KEY: json.dumps(spec_dict(spec), sort_keys=True)}
-    write_atomically(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+    write_atomically(path, lambda temporary: save_file(tensors, temporary, metadata=weights_metadata(spec)))
 
 
 def spec_dict(spec: ModelSpec) -> dict:

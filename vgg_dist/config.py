@@ -42,10 +42,20 @@ class TrainConfig:
     batch_size: int = _field(128, "GLOBAL batch size, split evenly across processes, so 1 and N "
                                   "processes take the same optimizer steps")
     lr: float = _field(0.05, "SGD learning rate")
+    momentum: float = _field(0.0, "SGD momentum (the chapter uses none)")
     seed: int = _field(0, "seed for weights, data order and dropout")
     # Output
-    output_dir: str | None = _field(None, "run directory; must not already hold files "
+    output_dir: str | None = _field(None, "run directory; must not already hold files unless resuming "
                                           "(default: runs/<timestamp>)")
+    # Checkpoints and preemption
+    checkpoint_every: int = _field(0, "also checkpoint every N optimizer steps (0: only at epoch ends)")
+    checkpoint_epochs: bool = _field(True, "checkpoint at the end of every epoch")
+    keep_last: int = _field(2, "keep the newest K checkpoints (0: keep all); the best is always kept")
+    resume: str | None = _field(None, "'auto': continue from the newest complete checkpoint in "
+                                      "--output-dir, or start fresh; or a checkpoint directory")
+    requeue: bool = _field(False, "after a stop signal under SLURM, run `scontrol requeue $SLURM_JOB_ID`")
+    sync_every: int = _field(10, "every N steps, all processes agree on stop signals and non-finite "
+                                 "losses (one small collective; a checkpoint always checks first)")
 
     def model_spec(self, in_channels: int, num_classes: int) -> ModelSpec:
         return ModelSpec(arch=self.arch, width_divisor=self.width_divisor, batch_norm=self.batch_norm,
@@ -105,13 +115,18 @@ def parse_config(argv: list[str] | None, prog: str, description: str) -> TrainCo
 def validate(config: TrainConfig) -> None:
     """Every check that needs neither the data nor the process group."""
     positive = ["epochs", "batch_size", "image_size", "width_divisor", "hidden_size",
-                "max_train_samples", "max_eval_samples"]
+                "max_train_samples", "max_eval_samples", "sync_every"]
     for name in positive:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UsageError(f"{flag(name)} must be a positive integer, got {value}")
+    for name in ("checkpoint_every", "keep_last"):
+        if getattr(config, name) < 0:
+            raise UsageError(f"{flag(name)} must be 0 or more, got {getattr(config, name)}")
     if not (math.isfinite(config.lr) and config.lr > 0):
         raise UsageError(f"--lr must be a positive number, got {config.lr}")
+    if not 0.0 <= config.momentum < 1.0:
+        raise UsageError(f"--momentum must be in [0, 1), got {config.momentum}")
     # Shape problems (architecture, image size, divisor, dropout) are the model's to state.
     problems = config.model_spec(in_channels=1, num_classes=10).problems()
     if problems:
@@ -120,8 +135,12 @@ def validate(config: TrainConfig) -> None:
     if config.data_dir is not None and not Path(config.data_dir).is_dir():
         raise UsageError(f"--data-dir {config.data_dir}: not a directory; point it at the folder holding "
                          f"the four IDX files")
-    if config.output_dir is not None:
+    if config.resume == "auto" and config.output_dir is None:
+        raise UsageError("--resume auto needs --output-dir: the run directory to continue (or start)")
+    if config.resume not in (None, "auto") and not Path(config.resume).is_dir():
+        raise UsageError(f"--resume {config.resume}: not a directory; pass 'auto' or a checkpoint directory")
+    if config.output_dir is not None and config.resume is None:
         output = Path(config.output_dir)
         if output.exists() and (not output.is_dir() or any(output.iterdir())):
             raise UsageError(f"--output-dir {output} already exists and is not empty; choose a new "
-                             f"directory so no earlier run is overwritten")
+                             f"directory so no earlier run is overwritten, or pass --resume auto to continue it")

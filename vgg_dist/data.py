@@ -237,8 +237,11 @@ class EpochBatchSampler:
         self.epoch = 0
         self.skip_batches = 0
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Choose the epoch's permutation; `skip_batches` leaves out batches a resumed run already took."""
+    def start_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Choose the epoch's permutation; `skip_batches` leaves out batches a resumed run already took.
+
+        Deliberately not named `set_epoch`: Accelerate calls that with its own iteration counter.
+        """
         self.epoch, self.skip_batches = epoch, skip_batches
 
     def order(self) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""One kind of error for everything a user can fix, and one way to report it."""
+"""The ways a run ends early on purpose, each with its exit code, and one way to report them."""
 
 from __future__ import annotations
 
@@ -7,12 +7,29 @@ import os
 import sys
 from typing import Callable
 
-# Exit code for a bad flag, file or checkpoint: the user's to fix, nothing to retry.
-EXIT_USAGE = 2
+EXIT_USAGE = 2       # a bad flag, file or checkpoint: the user's to fix, nothing to retry
+EXIT_DIVERGED = 3    # the loss became non-finite; no checkpoint holds the non-finite state
+EXIT_PREEMPTED = 75  # stopped by a signal after writing a checkpoint: resubmit with --resume auto (EX_TEMPFAIL)
 
 
-class UsageError(Exception):
-    """A problem with the user's input; its message is one line that names the flag or file and the fix."""
+class StopRun(Exception):
+    """Ends the run with `exit_code` and a one-line message."""
+
+    exit_code = 1
+
+
+class UsageError(StopRun):
+    """A problem with the user's input; its message names the flag or file and the fix."""
+
+    exit_code = EXIT_USAGE
+
+
+class Diverged(StopRun):
+    exit_code = EXIT_DIVERGED
+
+
+class Preempted(StopRun):
+    exit_code = EXIT_PREEMPTED
 
 
 def is_launcher_rank_zero() -> bool:
@@ -21,15 +38,16 @@ def is_launcher_rank_zero() -> bool:
 
 
 def exits_cleanly_on_usage_error(main: Callable[..., int]) -> Callable[..., int]:
-    """Turn a UsageError escaping `main` into one line on stderr (once per job) and exit code 2."""
+    """Turn a StopRun escaping `main` into one line on stderr (once per job) and its exit code."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs)
-        except UsageError as error:
+        except StopRun as stop:
             if is_launcher_rank_zero():
-                print(f"error: {error}", file=sys.stderr, flush=True)
-            return EXIT_USAGE
+                label = "error" if isinstance(stop, (UsageError, Diverged)) else "stopped"
+                print(f"{label}: {stop}", file=sys.stderr, flush=True)
+            return stop.exit_code
 
     return wrapper

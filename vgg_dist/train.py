@@ -4,14 +4,18 @@
     accelerate launch --multi_gpu --num_processes 8 vgg_dist/train.py               # all GPUs of a node
     accelerate launch --mixed_precision bf16 vgg_dist/train.py                        # bf16 autocast
     accelerate launch --multi_gpu --num_processes 2 vgg_dist/train.py --epochs 1    # 2 CPU processes (gloo)
+    accelerate launch vgg_dist/train.py --output-dir runs/a --resume auto            # continue a stopped run
 
-This is the only module that imports Accelerate: the model, the data and the artifacts are plain
-PyTorch, and `vgg_dist.evaluate` reuses `make_accelerator` and `evaluate` from here.
+This is the only module that imports Accelerate: the model, the data, the checkpoint files and the
+artifacts are plain PyTorch, and `vgg_dist.evaluate` reuses `make_accelerator` and `evaluate` from here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -21,16 +25,21 @@ if __package__ in (None, ""):
     # this folder, so `vgg_dist` is importable and its modules cannot shadow top-level ones.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
-from vgg_dist import artifacts
+from vgg_dist import artifacts, checkpoint
 from vgg_dist.config import TrainConfig, parse_config
 from vgg_dist.data import BatchIndexedTensors, EpochBatchSampler, Split, keep_batch, load_dataset, to_model_input
-from vgg_dist.errors import UsageError, exits_cleanly_on_usage_error
+from vgg_dist.errors import Diverged, Preempted, UsageError, exits_cleanly_on_usage_error
 from vgg_dist.model import ModelSpec, build_model, count_parameters
+from vgg_dist.preemption import StopRequest, requeue_slurm_job
+
+# Flags that fix which images each step sees; a checkpoint only continues a run that agrees on them.
+DATA_ORDER_FLAGS = ("batch_size", "seed", "dataset", "max_train_samples")
 
 
 def make_accelerator() -> Accelerator:
@@ -58,21 +67,62 @@ def check_layout(accelerator: Accelerator, batch_size: int) -> None:
 
 def make_loader(split: Split, sampler: EpochBatchSampler, pin_memory: bool) -> torch.utils.data.DataLoader:
     # The whole dataset is a few tensors in memory and a batch is one index op, so worker processes
-    # would only add inter-process copies.
-    return torch.utils.data.DataLoader(BatchIndexedTensors(split), batch_sampler=sampler,
-                                       collate_fn=keep_batch, pin_memory=pin_memory)
+    # would only add inter-process copies. The loader's own generator keeps it from drawing on the
+    # global RNG, whose stream (dropout) a resumed run must continue exactly.
+    return torch.utils.data.DataLoader(BatchIndexedTensors(split), batch_sampler=sampler, collate_fn=keep_batch,
+                                       pin_memory=pin_memory, generator=torch.Generator())
 
 
-def train_epoch(accelerator: Accelerator, model, optimizer, loader, image_size: int,
-                channels_last: bool) -> dict[str, float]:
-    """One pass in the chapter's order; loss and accuracy accumulate on the device and are reduced
-    across processes once, at the end, so no step waits on the host."""
+@dataclasses.dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0          # the epoch in progress (0-based)
+    step_in_epoch: int = 0  # optimizer steps already taken in it
+    global_step: int = 0
+    best_test_acc: float | None = None
+
+
+class Health:
+    """Per-step signals that must be agreed on by all processes, checked without a per-step host sync:
+    the first step whose loss was non-finite stays on the device until `agree` reads it."""
+
+    NONE = 2 ** 62
+
+    def __init__(self, device: torch.device, stop: StopRequest):
+        self.first_bad_step = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.stop = stop
+
+    def record(self, loss: torch.Tensor, global_step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad_step = torch.where(bad, torch.minimum(self.first_bad_step,
+                                                             torch.full_like(self.first_bad_step, global_step)),
+                                          self.first_bad_step)
+
+    def agree(self, accelerator: Accelerator, global_step: int, model=None) -> tuple[bool, int | None]:
+        """(some process was asked to stop, first non-finite step on any process or None); one collective.
+
+        With `model`, weights that are already non-finite mark the current step as bad too, so nothing
+        non-finite is ever checkpointed.
+        """
+        bad = self.first_bad_step.clone()
+        if model is not None:
+            finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+            bad = torch.where(finite, bad, torch.minimum(bad, torch.full_like(bad, global_step)))
+        local = torch.stack([torch.tensor(float(self.stop.requested), device=bad.device).long(), bad])
+        both = accelerator.gather(local.unsqueeze(0)).view(-1, 2).cpu()
+        stop, first_bad = bool(both[:, 0].max()), int(both[:, 1].min())
+        return stop, (None if first_bad == self.NONE else first_bad)
+
+
+def train_steps(accelerator: Accelerator, model, optimizer, loader, config: TrainConfig, channels_last: bool,
+                progress: Progress, totals: torch.Tensor, health: Health, on_sync) -> None:
+    """Steps through the rest of the epoch in the chapter's order. Loss and accuracy accumulate into
+    `totals` on the device (loss sum, correct, samples); nothing here waits on the host except the
+    agreement every --sync-every steps (`on_sync`)."""
     model.train()
-    device = accelerator.device
-    # float64 keeps the counts exact far beyond an epoch of Fashion-MNIST.
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, samples
     for images, labels in loader:
-        logits = model(to_model_input(images, image_size, channels_last))
+        logits = model(to_model_input(images, config.image_size, channels_last))
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
@@ -81,8 +131,12 @@ def train_epoch(accelerator: Accelerator, model, optimizer, loader, image_size: 
         totals[0] += loss.detach() * batch
         totals[1] += (logits.detach().argmax(dim=1) == labels).sum()
         totals[2] += batch
-    loss_sum, correct, samples = accelerator.reduce(totals, reduction="sum").tolist()
-    return {"train_loss": loss_sum / samples, "train_acc": correct / samples, "train_samples": int(samples)}
+        progress.step_in_epoch += 1
+        progress.global_step += 1
+        health.record(loss, progress.global_step)
+        checkpoint_due = config.checkpoint_every and progress.global_step % config.checkpoint_every == 0
+        if checkpoint_due or progress.global_step % config.sync_every == 0:
+            on_sync(checkpoint_due)
 
 
 def evaluate(accelerator: Accelerator, model, loader, image_size: int, num_classes: int,
@@ -107,27 +161,31 @@ def accuracy(confusion: torch.Tensor) -> tuple[float, int]:
     return (int(confusion.trace()) / total if total else 0.0), total
 
 
-def claim_run_dir(accelerator: Accelerator, output_dir: str | None) -> Path:
-    """The main process creates the run directory; every process learns its name."""
+def use_channels_last(device: torch.device) -> bool:
+    # cuDNN's fastest convolutions (tensor cores) want NHWC; on CPU NCHW is as fast or faster.
+    return device.type == "cuda"
+
+
+# ---- Run directory ------------------------------------------------------------------------------
+
+def choose_run_dir(accelerator: Accelerator, config: TrainConfig) -> Path:
+    """The main process picks (and creates) the run directory; every process learns its name."""
     chosen = [None]
     if accelerator.is_main_process:
-        if output_dir is None:
+        if config.output_dir is not None:
+            path = Path(config.output_dir)
+        elif config.resume not in (None, "auto"):
+            path = Path(config.resume).resolve().parent.parent  # RUN_DIR/checkpoints/step_N
+        else:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             path, suffix = Path("runs") / stamp, 1
             while path.exists():
                 path, suffix = Path("runs") / f"{stamp}-{suffix}", suffix + 1
-        else:
-            path = Path(output_dir)
         path.mkdir(parents=True, exist_ok=True)
         chosen = [str(path)]
     if accelerator.num_processes > 1:
         broadcast_object_list(chosen, from_process=0)
     return Path(chosen[0])
-
-
-def use_channels_last(device: torch.device) -> bool:
-    # cuDNN's fastest convolutions (tensor cores) want NHWC; on CPU NCHW is as fast or faster.
-    return device.type == "cuda"
 
 
 def run_header(accelerator: Accelerator, config: TrainConfig, spec: ModelSpec, model, run_dir: Path) -> str:
@@ -141,9 +199,154 @@ def run_header(accelerator: Accelerator, config: TrainConfig, spec: ModelSpec, m
             f"  run directory {run_dir}")
 
 
+# ---- Checkpoint state -----------------------------------------------------------------------------
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's random number generators: tensors, and JSON for Python's and NumPy's."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    version, words, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": [version, list(words), gauss],
+                     "numpy": [name, keys.tolist(), position, has_gauss, cached]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    version, words, gauss = plain["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, position, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+
+
+def save_training_checkpoint(accelerator: Accelerator, model, optimizer, spec: ModelSpec, config: TrainConfig,
+                             progress: Progress, totals: torch.Tensor, run_dir: Path) -> Path:
+    """Collective: every process contributes its RNG state; the main process writes and commits;
+    all return once the checkpoint exists."""
+    rng_tensors, rng_plain = rng_state()
+    every_rng = gather_object([(rng_tensors, rng_plain)])
+    partial = accelerator.reduce(totals.clone(), reduction="sum").tolist()  # sums, so any world size can resume
+    checkpoints_dir = run_dir / checkpoint.CHECKPOINTS_DIR
+    path = checkpoints_dir / checkpoint.checkpoint_name(progress.global_step)
+    if accelerator.is_main_process:
+        optimizer_structure, optimizer_tensors = checkpoint.split_tensors(optimizer.state_dict(), "optimizer")
+        rng_files = {f"rank{rank}.{kind}": tensor for rank, (tensors, _) in enumerate(every_rng)
+                     for kind, tensor in tensors.items()}
+        state = {
+            "progress": dataclasses.asdict(progress),
+            "world_size": accelerator.num_processes,
+            "partial_epoch_totals": partial,
+            "optimizer": optimizer_structure,
+            "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "rng": [plain for _, plain in every_rng],
+            "model": artifacts.spec_dict(spec),
+            "flags": config.to_dict(),
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        weights = accelerator.unwrap_model(model).state_dict()
+        path = checkpoint.save_checkpoint(checkpoints_dir, progress.global_step, {
+            "model.safetensors": (weights, artifacts.weights_metadata(spec)),
+            "optimizer.safetensors": (optimizer_tensors, {}),
+            "rng.safetensors": (rng_files, {}),
+        }, state)
+    accelerator.wait_for_everyone()  # nobody goes on (or exits) before the checkpoint is committed
+    return path
+
+
+@dataclasses.dataclass
+class Restored:
+    path: Path
+    progress: Progress
+    partial_totals: list[float]
+    rng_tensors: dict[str, torch.Tensor] | None
+    rng_plain: dict | None
+
+
+def load_training_checkpoint(path: Path, model, optimizer, scaler, spec: ModelSpec, config: TrainConfig,
+                             process_index: int) -> Restored:
+    """Verify a checkpoint completely, then load it into the plain model and optimizer.
+
+    Every check happens before the first weight changes, and each failure is one CheckpointError line.
+    """
+    path = Path(path)
+    checkpoint.verify(path)
+    state = checkpoint.read_state(path)
+    try:
+        saved_spec = ModelSpec.from_dict(state["model"])
+        saved_flags, progress = state["flags"], Progress(**state["progress"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise checkpoint.CheckpointError(f"{path / checkpoint.STATE}: missing or malformed field ({error})") from None
+    if saved_spec != spec:
+        changed = {key: (value, getattr(spec, key)) for key, value in artifacts.spec_dict(saved_spec).items()
+                   if getattr(spec, key) != value}
+        raise checkpoint.CheckpointError(
+            f"{path}: holds a different model ({', '.join(f'{k} {a} here {b}' for k, (a, b) in changed.items())}); "
+            f"resume with the flags it was trained with")
+    for name in DATA_ORDER_FLAGS:
+        if saved_flags.get(name) != getattr(config, name):
+            raise checkpoint.CheckpointError(
+                f"{path}: was trained with --{name.replace('_', '-')} {saved_flags.get(name)}, not "
+                f"{getattr(config, name)}; the data order would change, so pass the same value")
+    weights_path = path / "model.safetensors"
+    metadata, layout = checkpoint.read_header(weights_path)
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    if {name: shape for name, (_, shape) in layout.items()} != expected:
+        raise checkpoint.CheckpointError(f"{weights_path}: tensor names or shapes do not match the model")
+    if artifacts.SPEC_METADATA_KEY not in metadata:
+        raise checkpoint.CheckpointError(f"{weights_path}: header has no model spec")
+    weights = checkpoint.load_tensors(weights_path)
+    optimizer_state = checkpoint.join_tensors(state["optimizer"], checkpoint.load_tensors(path / "optimizer.safetensors"))
+    rng_tensors_all = checkpoint.load_tensors(path / "rng.safetensors")
+    # Everything is read and checked: only now change the model.
+    model.load_state_dict(weights)
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise checkpoint.CheckpointError(f"{path}: optimizer state does not fit ({error})") from None
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
+    prefix = f"rank{process_index}."
+    rng_tensors = {key[len(prefix):]: value for key, value in rng_tensors_all.items() if key.startswith(prefix)}
+    same_rank_exists = process_index < state.get("world_size", 0) and "torch" in rng_tensors
+    return Restored(path, progress, list(state.get("partial_epoch_totals", [0.0, 0.0, 0.0])),
+                    rng_tensors if same_rank_exists else None,
+                    state["rng"][process_index] if same_rank_exists else None)
+
+
+def resolve_resume(accelerator: Accelerator, config: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, or None to start fresh."""
+    if config.resume is None:
+        return None
+    if config.resume != "auto":
+        return Path(config.resume)
+    latest = checkpoint.find_latest(run_dir / checkpoint.CHECKPOINTS_DIR, say=accelerator.print)
+    if latest is None and any((run_dir / name).exists() for name in (artifacts.CONFIG_NAME, artifacts.METRICS_NAME)):
+        raise UsageError(f"--output-dir {run_dir} holds a run but no complete checkpoint to resume; "
+                         f"choose a new directory so that run is not overwritten")
+    return latest
+
+
+def keep_metrics_up_to(metrics_path: Path, epochs_done: int) -> None:
+    """Drop metric lines of epochs the resumed run will train again (written after the checkpoint)."""
+    if not metrics_path.exists():
+        return
+    lines = [line for line in metrics_path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] <= epochs_done]
+    if kept != lines:
+        artifacts.write_atomically(metrics_path, lambda temporary: temporary.write_text(
+            "".join(line + "\n" for line in kept)))
+
+
+# ---- Main ------------------------------------------------------------------------------------------
+
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv, prog="accelerate launch vgg_dist/train.py", description=__doc__.splitlines()[0])
+    stop = StopRequest()
+    stop.install()
     accelerator = make_accelerator()
     check_layout(accelerator, config.batch_size)
 
@@ -157,10 +360,25 @@ def main(argv: list[str] | None = None) -> int:
 
     set_seed(config.seed)  # the same initial weights on every process
     model = build_model(spec)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+
+    accelerator.wait_for_everyone()  # every process has validated the output dir before it is created
+    run_dir = choose_run_dir(accelerator, config)
+    checkpoints_dir = run_dir / checkpoint.CHECKPOINTS_DIR
+    resume_from = resolve_resume(accelerator, config, run_dir)
+    restored = None
+    if resume_from is not None:
+        restored = load_training_checkpoint(resume_from, model, optimizer, accelerator.scaler, spec, config,
+                                            accelerator.process_index)
+    accelerator.wait_for_everyone()  # all processes loaded before the main one tidies the directory
+    if accelerator.is_main_process:
+        for leftover in checkpoint.clean_leftovers(checkpoints_dir):
+            accelerator.print(f"removed {leftover}, left by an interrupted save")
+    progress = restored.progress if restored else Progress()
+
     channels_last = use_channels_last(accelerator.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     # Whole global batches only: every optimizer step sees exactly --batch-size images on any world size.
     train_sampler = EpochBatchSampler(len(train_split), config.batch_size, shuffle=True, drop_last=True,
                                       seed=config.seed)
@@ -169,10 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     train_loader = make_loader(train_split, train_sampler, pin_memory)
     test_loader = make_loader(test_split, test_sampler, pin_memory)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    set_seed(config.seed, device_specific=True)  # a different dropout stream on each process
+    if restored and restored.rng_tensors is not None:
+        set_rng_state(restored.rng_tensors, restored.rng_plain)
+    else:
+        # A different dropout stream on each process; after a resume on more processes than saved,
+        # new ranks get a fresh stream derived from the step they start at.
+        set_seed(config.seed + progress.global_step * 7919, device_specific=True)
 
-    accelerator.wait_for_everyone()  # every process has validated the output dir before it is created
-    run_dir = claim_run_dir(accelerator, config.output_dir)
     run_info = {
         "model": artifacts.spec_dict(spec),
         "class_names": list(data.class_names),
@@ -183,43 +404,94 @@ def main(argv: list[str] | None = None) -> int:
         "flags": config.to_dict(),
         "launch": {"num_processes": accelerator.num_processes, "device": accelerator.device.type,
                    "mixed_precision": accelerator.mixed_precision},
+        "resumed_from": str(restored.path) if restored else None,
         "final_metrics": None,
     }
     if accelerator.is_main_process:
         artifacts.write_json(run_dir / artifacts.CONFIG_NAME, run_info)
+        keep_metrics_up_to(run_dir / artifacts.METRICS_NAME, progress.epoch)
     accelerator.print(run_header(accelerator, config, spec, model, run_dir))
+    if restored:
+        accelerator.print(f"resumed from {restored.path}: epoch {progress.epoch + 1}, step "
+                          f"{progress.step_in_epoch} of the epoch, global step {progress.global_step}")
+
+    health = Health(accelerator.device, stop)
+
+    def save(totals: torch.Tensor) -> Path:
+        path = save_training_checkpoint(accelerator, model, optimizer, spec, config, progress, totals, run_dir)
+        if accelerator.is_main_process:
+            checkpoint.rotate(checkpoints_dir, config.keep_last)
+        return path
+
+    def check(totals: torch.Tensor, checkpoint_due: bool) -> None:
+        """All processes agree; then maybe checkpoint, and stop on a signal or a non-finite loss."""
+        stop_requested, bad_step = health.agree(accelerator, progress.global_step,
+                                                model if (checkpoint_due or stop.requested) else None)
+        if bad_step is not None:
+            raise Diverged(f"non-finite loss or weights at step {bad_step} (epoch {progress.epoch + 1}); "
+                           f"nothing after the last checkpoint was saved; lower --lr or check the data")
+        if checkpoint_due or stop_requested:
+            path = save(totals)
+            if stop_requested:
+                accelerator.print(f"stop signal received: checkpoint {path} written")
+                if config.requeue and accelerator.is_main_process:
+                    accelerator.print(requeue_slurm_job())
+                raise Preempted(f"by {stop.signal_name or 'a signal on another process'} at step "
+                                f"{progress.global_step}; checkpoint {path}; rerun with --resume auto to continue")
 
     trained_samples, train_seconds, record = 0, 0.0, {}
-    for epoch in range(config.epochs):
-        train_sampler.set_epoch(epoch)
+    while progress.epoch < config.epochs:
+        epoch = progress.epoch
+        train_sampler.start_epoch(epoch, skip_batches=progress.step_in_epoch)
+        totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, samples
+        if restored and accelerator.is_main_process:
+            totals += torch.tensor(restored.partial_totals, dtype=torch.float64, device=accelerator.device)
+        restored = None
         started = time.perf_counter()
-        train_metrics = train_epoch(accelerator, model, optimizer, train_loader, spec.image_size, channels_last)
+        train_steps(accelerator, model, optimizer, train_loader, config, channels_last, progress, totals, health,
+                    on_sync=lambda due: check(totals, due))
+        loss_sum, correct, samples = accelerator.reduce(totals.clone(), reduction="sum").tolist()
         seconds = time.perf_counter() - started  # `.tolist()` above waited for the device
+        check(totals, checkpoint_due=False)  # a non-finite end of epoch is never evaluated or saved
         started = time.perf_counter()
-        test_acc, test_samples = accuracy(evaluate(accelerator, model, test_loader, spec.image_size,
-                                                   spec.num_classes, channels_last))
+        confusion = evaluate(accelerator, model, test_loader, spec.image_size, spec.num_classes, channels_last)
+        test_acc, test_samples = accuracy(confusion)
         eval_seconds = time.perf_counter() - started
-        trained_samples += train_metrics["train_samples"]
+        epoch_samples = len(train_sampler) * config.batch_size
+        trained_samples += epoch_samples
         train_seconds += seconds
-        record = {"epoch": epoch + 1, **train_metrics, "test_acc": test_acc, "test_samples": test_samples,
-                  "examples_per_sec": train_metrics["train_samples"] / seconds, "seconds": seconds,
-                  "eval_seconds": eval_seconds}
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / samples, "train_acc": correct / samples,
+                  "train_samples": int(samples), "test_acc": test_acc, "test_samples": test_samples,
+                  "examples_per_sec": epoch_samples / seconds, "seconds": seconds, "eval_seconds": eval_seconds,
+                  "global_step": progress.global_step}
         accelerator.print(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.3f}, "
                           f"train acc {record['train_acc']:.3f}, test acc {test_acc:.3f}, "
                           f"{record['examples_per_sec']:.1f} examples/sec")
         if accelerator.is_main_process:
             artifacts.append_jsonl(run_dir / artifacts.METRICS_NAME, record)
+        progress.epoch, progress.step_in_epoch = epoch + 1, 0
+        is_best = progress.best_test_acc is None or test_acc > progress.best_test_acc
+        if is_best:
+            progress.best_test_acc = test_acc
+        if config.checkpoint_epochs:
+            path = save(torch.zeros_like(totals))
+            if is_best and accelerator.is_main_process:
+                checkpoint.mark_best(checkpoints_dir, path, test_acc)
+
+    if not record and (run_dir / artifacts.METRICS_NAME).exists():  # resumed a run that had already finished
+        record = json.loads((run_dir / artifacts.METRICS_NAME).read_text().splitlines()[-1])
 
     if accelerator.is_main_process:
         weights = accelerator.unwrap_model(model).state_dict()
         artifacts.save_weights(run_dir / artifacts.WEIGHTS_NAME, weights, spec)
         run_info["final_metrics"] = record
         artifacts.write_json(run_dir / artifacts.CONFIG_NAME, run_info)
-    examples_per_sec = trained_samples / train_seconds
-    accelerator.print(f"loss {record['train_loss']:.3f}, train acc {record['train_acc']:.3f}, "
-                      f"test acc {record['test_acc']:.3f}")
-    accelerator.print(f"{examples_per_sec:.1f} examples/sec on {accelerator.device} "
-                      f"({accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''})")
+    if record:
+        accelerator.print(f"loss {record['train_loss']:.3f}, train acc {record['train_acc']:.3f}, "
+                          f"test acc {record['test_acc']:.3f}")
+    if train_seconds:
+        accelerator.print(f"{trained_samples / train_seconds:.1f} examples/sec on {accelerator.device} "
+                          f"({accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
