@@ -6,6 +6,7 @@ same bits. 2 processes, 3 epochs of 16 steps, checkpoints every 5 steps and at e
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TRAIN_SCRIPT, launch_command, quiet_env, read_metrics, read_weights, run_bounded, train
 from vgg_dist import checkpoint
-from vgg_dist.errors import EXIT_PREEMPTED, EXIT_USAGE
+from vgg_dist.errors import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE
 
 STEPS_PER_EPOCH = 16
 ARGS = ["--image-size", "64", "--width-divisor", "16", "--hidden-size", "128", "--epochs", "3",
@@ -108,17 +109,28 @@ def _start(run_dir, tiny_data, env=None):
                             env=env or quiet_env(), start_new_session=True)
 
 
+def reported_exit_codes(launcher_stderr: str) -> set[int]:
+    """The worker exit codes torchrun reports. It lists the ranks that had exited when it noticed the
+    first failure, so a rank still on its way out may be missing; none may show another code."""
+    return {int(code) for code in re.findall(r"exitcode\s*:\s*(-?\d+)", launcher_stderr)}
+
+
 def _signal_after_first_checkpoint(process, run_dir, rank, number):
+    """Signal one rank once step 5 is checkpointed; return the launcher's output and how long both
+    workers took to exit."""
     try:
-        worker = _worker(rank)
+        workers = [_worker(0), _worker(1)]
         deadline = time.monotonic() + 120
         while not (run_dir / "checkpoints" / "step_0000005" / "manifest.json").exists():
             assert time.monotonic() < deadline and process.poll() is None, "run never reached step 5"
             time.sleep(0.01)
-        worker.send_signal(number)
+        workers[rank].send_signal(number)
         signalled = time.monotonic()
+        gone, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, "a worker outlived the stop request"
+        seconds = time.monotonic() - signalled
         stdout, stderr = process.communicate(timeout=60)
-        return stdout, stderr, time.monotonic() - signalled
+        return stdout, stderr, seconds
     finally:
         try:
             os.killpg(process.pid, signal.SIGKILL)
@@ -131,9 +143,8 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume_matches(ref
     process = _start(run_dir, tiny_data)
     stdout, stderr, seconds = _signal_after_first_checkpoint(process, run_dir, rank=1, number=signal.SIGTERM)
     assert process.returncode != 0
-    assert seconds < 20
-    # torchrun reports each worker's exit code: both ranks left with the documented one.
-    assert stderr.count(f"exitcode  : {EXIT_PREEMPTED}") == 2, stderr
+    assert seconds < 20  # both workers
+    assert reported_exit_codes(stderr) == {EXIT_PREEMPTED}, stderr
     assert "rerun with --resume auto" in stderr
     newest = checkpoint.list_checkpoints(run_dir / "checkpoints")[-1]
     checkpoint.verify(newest)
@@ -154,8 +165,8 @@ def test_sigusr1_under_slurm_checkpoints_and_requeues_once(tiny_data, tmp_path):
                              "--requeue")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                env=env, start_new_session=True)
-    stdout, stderr, _ = _signal_after_first_checkpoint(process, run_dir, rank=0, number=signal.SIGUSR1)
-    assert stderr.count(f"exitcode  : {EXIT_PREEMPTED}") == 2, stderr
+    stdout, stderr, seconds = _signal_after_first_checkpoint(process, run_dir, rank=0, number=signal.SIGUSR1)
+    assert seconds < 20 and reported_exit_codes(stderr) == {EXIT_PREEMPTED}, stderr
     assert calls.read_text().splitlines() == ["requeue 4242"]
     checkpoint.verify(checkpoint.list_checkpoints(run_dir / "checkpoints")[-1])
 
@@ -337,7 +348,7 @@ def test_nonfinite_loss_stops_all_ranks_and_is_never_checkpointed(tiny_data, tmp
                              *ARGS, "--lr", "1e6", "--checkpoint-every", "1")
     result = run_bounded(command, timeout=120)
     assert result.returncode != 0
-    assert result.stderr.count("exitcode  : 3") == 2, result.stderr
+    assert reported_exit_codes(result.stderr) == {EXIT_DIVERGED}, result.stderr
     assert "error: non-finite loss or weights at step" in result.stderr
     bad_step = int(result.stderr.split("at step ")[1].split()[0])
     saved = checkpoint.list_checkpoints(run_dir / "checkpoints")

@@ -54,6 +54,8 @@ class TrainConfig:
     resume: str | None = _field(None, "'auto': continue from the newest complete checkpoint in "
                                       "--output-dir, or start fresh; or a checkpoint directory")
     requeue: bool = _field(False, "after a stop signal under SLURM, run `scontrol requeue $SLURM_JOB_ID`")
+    dist_timeout: int = _field(600, "seconds a collective may wait for the other processes before the job "
+                                    "fails (a dead rank ends the job instead of hanging)")
     sync_every: int = _field(10, "every N steps, all processes agree on stop signals and non-finite "
                                  "losses (one small collective; a checkpoint always checks first)")
 
@@ -115,7 +117,7 @@ def parse_config(argv: list[str] | None, prog: str, description: str) -> TrainCo
 def validate(config: TrainConfig) -> None:
     """Every check that needs neither the data nor the process group."""
     positive = ["epochs", "batch_size", "image_size", "width_divisor", "hidden_size",
-                "max_train_samples", "max_eval_samples", "sync_every"]
+                "max_train_samples", "max_eval_samples", "sync_every", "dist_timeout"]
     for name in positive:
         value = getattr(config, name)
         if value is not None and value < 1:

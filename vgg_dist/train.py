@@ -15,7 +15,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import random
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 
 from vgg_dist import artifacts, checkpoint
 from vgg_dist.config import TrainConfig, parse_config
@@ -42,20 +45,28 @@ from vgg_dist.preemption import StopRequest, requeue_slurm_job
 DATA_ORDER_FLAGS = ("batch_size", "seed", "dataset", "max_train_samples")
 
 
-def make_accelerator() -> Accelerator:
+def make_accelerator(dist_timeout: int = 600) -> Accelerator:
     """An Accelerator whose dataloaders take GLOBAL batches and split them across processes.
 
     Without a GPU it is built with cpu=True: that is what turns `accelerate launch --multi_gpu
-    --num_processes N` into one N-process gloo job instead of N independent runs.
+    --num_processes N` into one N-process gloo job instead of N independent runs. `dist_timeout`
+    bounds every collective, so a dead rank fails the job instead of hanging it for gloo's 30 minutes.
     """
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=True),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=dist_timeout))],
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate would silently train in fp32 here; say so instead.
         raise UsageError("--mixed_precision fp16 needs a GPU and none is visible; use bf16 or no on CPU")
     return accelerator
+
+
+def say(accelerator: Accelerator, line: str) -> None:
+    """Print once per job: on the global main process (Accelerate's own print runs once per node)."""
+    if accelerator.is_main_process:
+        print(line, flush=True)
 
 
 def check_layout(accelerator: Accelerator, batch_size: int) -> None:
@@ -188,15 +199,38 @@ def choose_run_dir(accelerator: Accelerator, config: TrainConfig) -> Path:
     return Path(chosen[0])
 
 
-def run_header(accelerator: Accelerator, config: TrainConfig, spec: ModelSpec, model, run_dir: Path) -> str:
+def gather_layout(accelerator: Accelerator) -> list[dict]:
+    """Where every rank runs: host, node rank, local rank, device; collected on all processes."""
+    here = {"rank": accelerator.process_index, "host": socket.gethostname(),
+            "node": int(os.environ.get("GROUP_RANK", 0)), "local_rank": accelerator.local_process_index,
+            "device": str(accelerator.device)}
+    return gather_object([here]) if accelerator.num_processes > 1 else [here]
+
+
+def run_header(accelerator: Accelerator, config: TrainConfig, spec: ModelSpec, model, run_dir: Path,
+               layout: list[dict]) -> str:
     processes = accelerator.num_processes
-    backend = accelerator.state.backend or "none"
+    nodes = len({entry["node"] for entry in layout})
+    ranks = ", ".join(f"{entry['rank']}:node{entry['node']}/{entry['device']}" for entry in layout)
     return (f"vgg_dist: {spec.arch} / {spec.width_divisor}, {count_parameters(model):,} parameters, "
             f"{spec.image_size}x{spec.image_size} input\n"
-            f"  {processes} process{'es' if processes > 1 else ''} on {accelerator.device.type} "
-            f"(backend {backend}), global batch {config.batch_size} = {processes} x "
-            f"{config.batch_size // processes} per process, mixed precision {accelerator.mixed_precision}\n"
+            f"  world size {processes} = {nodes} node{'s' if nodes > 1 else ''} x {processes // nodes} "
+            f"process{'es' if processes // nodes > 1 else ''} per node, backend "
+            f"{accelerator.state.backend or 'none'}, ranks {ranks}\n"
+            f"  global batch {config.batch_size} = {processes} x {config.batch_size // processes} per process, "
+            f"mixed precision {accelerator.mixed_precision}\n"
             f"  run directory {run_dir}")
+
+
+def weights_agree(accelerator: Accelerator, model) -> bool:
+    """Whether every rank holds the same weights (DDP keeps them in step; this checks it did)."""
+    if accelerator.num_processes == 1:
+        return True
+    with torch.no_grad():
+        fingerprint = torch.stack([p.double().sum() for p in model.parameters()]
+                                  + [p.double().abs().sum() for p in model.parameters()])
+    every = accelerator.gather(fingerprint.unsqueeze(0))
+    return bool((every == every[0]).all())
 
 
 # ---- Checkpoint state -----------------------------------------------------------------------------
@@ -322,7 +356,7 @@ def resolve_resume(accelerator: Accelerator, config: TrainConfig, run_dir: Path)
         return None
     if config.resume != "auto":
         return Path(config.resume)
-    latest = checkpoint.find_latest(run_dir / checkpoint.CHECKPOINTS_DIR, say=accelerator.print)
+    latest = checkpoint.find_latest(run_dir / checkpoint.CHECKPOINTS_DIR, say=lambda line: say(accelerator, line))
     if latest is None and any((run_dir / name).exists() for name in (artifacts.CONFIG_NAME, artifacts.METRICS_NAME)):
         raise UsageError(f"--output-dir {run_dir} holds a run but no complete checkpoint to resume; "
                          f"choose a new directory so that run is not overwritten")
@@ -347,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv, prog="accelerate launch vgg_dist/train.py", description=__doc__.splitlines()[0])
     stop = StopRequest()
     stop.install()
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(config.dist_timeout)
     check_layout(accelerator, config.batch_size)
+    layout = gather_layout(accelerator)
 
     with accelerator.main_process_first():  # the main process downloads, the others read its cache
         data = load_dataset(config.dataset, config.data_dir)
@@ -373,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.wait_for_everyone()  # all processes loaded before the main one tidies the directory
     if accelerator.is_main_process:
         for leftover in checkpoint.clean_leftovers(checkpoints_dir):
-            accelerator.print(f"removed {leftover}, left by an interrupted save")
+            say(accelerator, f"removed {leftover}, left by an interrupted save")
     progress = restored.progress if restored else Progress()
 
     channels_last = use_channels_last(accelerator.device)
@@ -403,16 +438,17 @@ def main(argv: list[str] | None = None) -> int:
         "test_samples": len(test_split),
         "flags": config.to_dict(),
         "launch": {"num_processes": accelerator.num_processes, "device": accelerator.device.type,
-                   "mixed_precision": accelerator.mixed_precision},
+                   "nodes": len({entry["node"] for entry in layout}), "mixed_precision": accelerator.mixed_precision,
+                   "backend": accelerator.state.backend, "ranks": layout},
         "resumed_from": str(restored.path) if restored else None,
         "final_metrics": None,
     }
     if accelerator.is_main_process:
         artifacts.write_json(run_dir / artifacts.CONFIG_NAME, run_info)
         keep_metrics_up_to(run_dir / artifacts.METRICS_NAME, progress.epoch)
-    accelerator.print(run_header(accelerator, config, spec, model, run_dir))
+    say(accelerator, run_header(accelerator, config, spec, model, run_dir, layout))
     if restored:
-        accelerator.print(f"resumed from {restored.path}: epoch {progress.epoch + 1}, step "
+        say(accelerator, f"resumed from {restored.path}: epoch {progress.epoch + 1}, step "
                           f"{progress.step_in_epoch} of the epoch, global step {progress.global_step}")
 
     health = Health(accelerator.device, stop)
@@ -433,9 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         if checkpoint_due or stop_requested:
             path = save(totals)
             if stop_requested:
-                accelerator.print(f"stop signal received: checkpoint {path} written")
+                say(accelerator, f"stop signal received: checkpoint {path} written")
                 if config.requeue and accelerator.is_main_process:
-                    accelerator.print(requeue_slurm_job())
+                    say(accelerator, requeue_slurm_job())
                 raise Preempted(f"by {stop.signal_name or 'a signal on another process'} at step "
                                 f"{progress.global_step}; checkpoint {path}; rerun with --resume auto to continue")
 
@@ -464,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                   "train_samples": int(samples), "test_acc": test_acc, "test_samples": test_samples,
                   "examples_per_sec": epoch_samples / seconds, "seconds": seconds, "eval_seconds": eval_seconds,
                   "global_step": progress.global_step}
-        accelerator.print(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.3f}, "
+        say(accelerator, f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.3f}, "
                           f"train acc {record['train_acc']:.3f}, test acc {test_acc:.3f}, "
                           f"{record['examples_per_sec']:.1f} examples/sec")
         if accelerator.is_main_process:
@@ -481,21 +517,38 @@ def main(argv: list[str] | None = None) -> int:
     if not record and (run_dir / artifacts.METRICS_NAME).exists():  # resumed a run that had already finished
         record = json.loads((run_dir / artifacts.METRICS_NAME).read_text().splitlines()[-1])
 
+    identical = weights_agree(accelerator, model)
+    if not identical:
+        say(accelerator, f"warning: the {accelerator.num_processes} processes ended with different weights; "
+                          f"rank 0's are saved")
     if accelerator.is_main_process:
         weights = accelerator.unwrap_model(model).state_dict()
         artifacts.save_weights(run_dir / artifacts.WEIGHTS_NAME, weights, spec)
         run_info["final_metrics"] = record
+        run_info["weights_identical_across_ranks"] = identical
         artifacts.write_json(run_dir / artifacts.CONFIG_NAME, run_info)
     if record:
-        accelerator.print(f"loss {record['train_loss']:.3f}, train acc {record['train_acc']:.3f}, "
+        say(accelerator, f"loss {record['train_loss']:.3f}, train acc {record['train_acc']:.3f}, "
                           f"test acc {record['test_acc']:.3f}")
     if train_seconds:
-        accelerator.print(f"{trained_samples / train_seconds:.1f} examples/sec on {accelerator.device} "
+        say(accelerator, f"{trained_samples / train_seconds:.1f} examples/sec on {accelerator.device} "
                           f"({accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
 
 
+def exit_process(code: int) -> None:
+    """Exit with `code`. After a coordinated stop in a multi-process job every rank gets here at once;
+    torchrun SIGTERMs the ranks still alive when it sees the first one leave, so skip the interpreter's
+    teardown (which restores default signal handlers) and leave with our code straight away."""
+    if code != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -1,0 +1,173 @@
+"""Launch files and multi-node behaviour, on loopback: two "machines" are two launchers on this host."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+
+from conftest import (REPO, TINY_MODEL, TRAIN_SCRIPT, free_port, quiet_env, read_metrics, run_bounded)
+
+LAUNCH = REPO / "launch"
+# What each shipped config promises in its header, checked against what Accelerate loads from it.
+PROMISES = {
+    "single_gpu.yaml": {"distributed_type": "NO", "num_processes": 1, "mixed_precision": "bf16"},
+    "multi_gpu.yaml": {"distributed_type": "MULTI_GPU", "num_machines": 1, "num_processes": 8,
+                       "mixed_precision": "bf16", "gpu_ids": "all"},
+    "multi_node.yaml": {"distributed_type": "MULTI_GPU", "num_machines": 2, "num_processes": 16,
+                        "rdzv_backend": "c10d", "main_process_port": 29500, "machine_rank": 0},
+    "cpu_multi_process.yaml": {"distributed_type": "MULTI_GPU", "num_processes": 2, "use_cpu": False,
+                               "mixed_precision": "no"},
+}
+
+
+def loopback_env(**extra):
+    # gloo must use the loopback interface, whatever else the host has.
+    return quiet_env(GLOO_SOCKET_IFNAME="lo", **extra)
+
+
+@pytest.mark.parametrize("name", sorted(PROMISES))
+def test_shipped_config_loads_with_accelerate_and_keeps_its_promises(name):
+    path = LAUNCH / name
+    config = load_config_from_file(str(path))
+    for key, value in PROMISES[name].items():
+        loaded = getattr(config, key)
+        assert (loaded.value if hasattr(loaded, "value") else loaded) == value, key
+    header = path.read_text().splitlines()[0]
+    assert header.startswith("# accelerate launch") or header.startswith("# On every node")
+    assert f"launch/{name}" in path.read_text()
+
+
+def test_every_launch_file_is_covered():
+    shipped = {path.name for path in LAUNCH.glob("*.yaml")}
+    assert shipped == set(PROMISES)
+    for sbatch in (LAUNCH / "slurm").glob("*.sbatch"):
+        assert sbatch.read_text().splitlines()[1].startswith(f"# sbatch launch/slurm/{sbatch.name}")
+
+
+def test_cpu_config_gives_a_real_two_process_job(tmp_path, tiny_data):
+    result = run_bounded([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(LAUNCH / "cpu_multi_process.yaml"), "--main_process_port", str(free_port()),
+                          TRAIN_SCRIPT, "--data-dir", str(tiny_data), *TINY_MODEL, "--epochs", "1",
+                          "--batch-size", "8", "--output-dir", str(tmp_path / "run")], timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "world size 2 = 1 node x 2 processes per node, backend gloo" in result.stdout
+
+
+def machine_command(rank, port, run_dir, data, *extra, processes_per_machine=1):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+            "--machine_rank", str(rank), "--num_processes", str(2 * processes_per_machine),
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
+            "--dynamo_backend", "no", TRAIN_SCRIPT, "--data-dir", str(data), *TINY_MODEL,
+            "--output-dir", str(run_dir), *extra]
+
+
+def start_all(commands, env):
+    return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             env=env, start_new_session=True) for command in commands]
+
+
+def finish_all(processes, timeout):
+    outputs = []
+    deadline = time.monotonic() + timeout
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=max(1, deadline - time.monotonic())))
+    finally:
+        for process in processes:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return outputs
+
+
+def test_two_machines_on_loopback_train_one_model(tmp_path, tiny_data):
+    port, run_dir = free_port(), tmp_path / "run"
+    processes = start_all([machine_command(rank, port, run_dir, tiny_data, "--epochs", "2", "--batch-size", "8",
+                                           processes_per_machine=2) for rank in (0, 1)], loopback_env())
+    outputs = finish_all(processes, timeout=240)
+    for process, (stdout, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stdout + stderr
+    main_stdout = outputs[0][0]
+    assert "world size 4 = 2 nodes x 2 processes per node" in main_stdout
+    assert "ranks 0:node0/cpu:0, 1:node0/cpu:0, 2:node1/cpu:0, 3:node1/cpu:0" in main_stdout
+    assert outputs[1][0].count("epoch 1/2") == 0  # only the global main process prints
+    assert all(m["test_samples"] == 77 for m in read_metrics(run_dir))
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["launch"]["nodes"] == 2 and config["launch"]["num_processes"] == 4
+    assert config["weights_identical_across_ranks"] is True
+
+
+def test_a_killed_rank_ends_the_whole_job_within_the_dist_timeout(tmp_path, tiny_data):
+    import psutil
+    port, run_dir, dist_timeout = free_port(), tmp_path / "run", 20
+    processes = start_all([machine_command(rank, port, run_dir, tiny_data, "--epochs", "500", "--batch-size", "8",
+                                           "--dist-timeout", str(dist_timeout)) for rank in (0, 1)], loopback_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "never trained"
+            time.sleep(0.05)
+        victims = [child for child in psutil.Process(processes[1].pid).children(recursive=True)
+                   if TRAIN_SCRIPT in child.cmdline()]
+        assert len(victims) == 1
+        victims[0].kill()
+        killed = time.monotonic()
+        outputs = finish_all(processes, timeout=dist_timeout + 60)
+        elapsed = time.monotonic() - killed
+    finally:
+        finish_all(processes, timeout=1)
+    assert all(process.returncode not in (0, None) for process in processes)
+    assert elapsed < dist_timeout + 30, elapsed
+    assert "rank      : 1" in outputs[1][1] and "SIGKILL" in outputs[1][1]  # the launcher names the dead rank
+
+
+def _stub(directory: Path, name: str, body: str) -> None:
+    path = directory / name
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+
+
+def test_sbatch_script_forms_one_world_under_stub_slurm(tmp_path, tiny_data):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "calls"
+    # srun: start the step's command once per node, as SLURM would, each with its own node id.
+    _stub(stubs, "srun", f"""
+echo "srun $*" >> {calls}
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do
+  SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 "$@" &
+  pids+=($!)
+done
+status=0
+for pid in "${{pids[@]}}"; do wait "$pid" || status=$?; done
+exit $status
+""")
+    _stub(stubs, "scontrol", f'echo "scontrol $*" >> {calls}\n[ "$1 $2" = "show hostnames" ] && echo 127.0.0.1\n')
+    _stub(stubs, "sbatch", f'echo "sbatch $*" >> {calls}\n')
+    submit_dir = tmp_path / "submit"
+    submit_dir.mkdir()
+    (submit_dir / "vgg_dist").symlink_to(REPO / "vgg_dist")
+    env = loopback_env(PATH=f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}", SLURM_JOB_ID="777",
+                       SLURM_NNODES="2", SLURM_JOB_NODELIST="node[1-2]", SLURM_SUBMIT_DIR=str(submit_dir),
+                       GPUS_PER_NODE="1", MIXED_PRECISION="no", MAIN_PROCESS_PORT=str(free_port()),
+                       RUN_DIR=str(tmp_path / "run"))
+    result = run_bounded(["bash", str(LAUNCH / "slurm" / "train.sbatch"), "--data-dir", str(tiny_data),
+                          *TINY_MODEL, "--epochs", "1", "--batch-size", "8"], timeout=240, env=env,
+                         cwd=submit_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "world size 2 = 2 nodes x 1 process per node" in result.stdout
+    assert "ranks 0:node0/cpu:0, 1:node1/cpu:0" in result.stdout
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert [entry["node"] for entry in config["launch"]["ranks"]] == [0, 1]
+    assert "scontrol show hostnames node[1-2]" in calls.read_text()
+    assert "scontrol requeue" not in calls.read_text()  # nothing asked it to stop
