@@ -24,6 +24,9 @@ CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
 SPEC_METADATA_KEY = "vgg_dist.model_spec"
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def write_atomically(path: Path, write) -> None:
     """Call `write(temporary_path)`, flush it to disk, then rename over `path`: readers see the old
@@ -31,6 +34,7 @@ def write_atomically(path: Path, write) -> None:
     path = Path(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
+    os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from the rest of a team
     try:
         write(Path(temporary))
         with open(temporary, "rb") as written:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -44,9 +45,17 @@ class TrainConfig:
     lr: float = _field(0.05, "SGD learning rate")
     momentum: float = _field(0.0, "SGD momentum (the chapter uses none)")
     seed: int = _field(0, "seed for weights, data order and dropout")
+    # Speed
+    compile: bool = _field(False, "torch.compile the model (compiles once for training, once for evaluation)")
+    channels_last: bool | None = _field(None, "NHWC activations (default: on for CUDA, where cuDNN's "
+                                              "tensor-core kernels want them; off on CPU)")
     # Output
     output_dir: str | None = _field(None, "run directory; must not already hold files unless resuming "
                                           "(default: runs/<timestamp>)")
+    # What you see
+    progress: bool | None = _field(None, "progress bar per epoch (default: on when stdout is a terminal)")
+    report_to: str = _field("none", "experiment trackers, through Accelerate", choices=("none", "tensorboard",
+                                                                                      "wandb", "all"))
     # Checkpoints and preemption
     checkpoint_every: int = _field(0, "also checkpoint every N optimizer steps (0: only at epoch ends)")
     checkpoint_epochs: bool = _field(True, "checkpoint at the end of every epoch")
@@ -105,13 +114,59 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+CONFIG_FILE_NAME = "train_config.yaml"
+# Where a run is written and how it starts are not part of the recipe a config file reproduces.
+NOT_IN_CONFIG_FILES = ("output_dir", "resume")
+
+
 def parse_config(argv: list[str] | None, prog: str, description: str) -> TrainConfig:
-    """Parse and validate flags; any problem is a UsageError naming the flag."""
+    """Parse and validate flags; any problem is a UsageError naming the flag.
+
+    `--config FILE` (YAML) supplies defaults for any flag; flags on the command line still win.
+    """
     parser = build_parser(prog, description)
-    namespace = parser.parse_args(argv)
-    config = TrainConfig(**vars(namespace))
+    parser.add_argument("--config", metavar="FILE", help="YAML file of flag values (flags given here win); "
+                                                         f"every run writes one as {CONFIG_FILE_NAME}")
+    known, _ = parser.parse_known_args(argv)
+    if known.config is not None:
+        parser.set_defaults(**read_config_file(Path(known.config)))
+    namespace = vars(parser.parse_args(argv))
+    namespace.pop("config")
+    config = TrainConfig(**namespace)
     validate(config)
     return config
+
+
+def read_config_file(path: Path) -> dict:
+    """Flag values from a YAML mapping, keys spelled as flags (`batch-size`) or fields (`batch_size`)."""
+    import yaml
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: file not found") from None
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(f"--config {path}: not readable YAML ({str(error).splitlines()[0]})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: must be a mapping of flag names to values")
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    defaults = {}
+    for key, value in values.items():
+        name = str(key).removeprefix("--").replace("-", "_")
+        if name not in fields or name in NOT_IN_CONFIG_FILES:
+            raise UsageError(f"--config {path}: unknown setting {key!r}; use flag names such as batch_size")
+        kind = _base_type(name)
+        allowed = (int, float) if kind is float else (kind,)
+        if value is not None and (not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool))):
+            raise UsageError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
+        defaults[name] = value
+    return defaults
+
+
+def config_file_values(config: TrainConfig) -> dict:
+    """What `--config` needs to reproduce this run's recipe."""
+    return {name: value for name, value in config.to_dict().items() if name not in NOT_IN_CONFIG_FILES}
 
 
 def validate(config: TrainConfig) -> None:
@@ -137,6 +192,10 @@ def validate(config: TrainConfig) -> None:
     if config.data_dir is not None and not Path(config.data_dir).is_dir():
         raise UsageError(f"--data-dir {config.data_dir}: not a directory; point it at the folder holding "
                          f"the four IDX files")
+    if config.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        raise UsageError(f"--report-to {config.report_to} needs the wandb package: pip install wandb")
+    if config.report_to in ("tensorboard", "all") and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError(f"--report-to {config.report_to} needs the tensorboard package: pip install tensorboard")
     if config.resume == "auto" and config.output_dir is None:
         raise UsageError("--resume auto needs --output-dir: the run directory to continue (or start)")
     if config.resume not in (None, "auto") and not Path(config.resume).is_dir():

@@ -31,21 +31,27 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import (InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, gather_object,
+                               set_seed)
 
 from vgg_dist import artifacts, checkpoint
-from vgg_dist.config import TrainConfig, parse_config
+from vgg_dist.config import CONFIG_FILE_NAME, TrainConfig, config_file_values, parse_config
 from vgg_dist.data import BatchIndexedTensors, EpochBatchSampler, Split, keep_batch, load_dataset, to_model_input
 from vgg_dist.errors import Diverged, Preempted, UsageError, exits_cleanly_on_usage_error
 from vgg_dist.model import ModelSpec, build_model, count_parameters
 from vgg_dist.preemption import StopRequest, requeue_slurm_job
+from vgg_dist.run_files import RunFiles
 
 # Flags that fix which images each step sees; a checkpoint only continues a run that agrees on them.
 DATA_ORDER_FLAGS = ("batch_size", "seed", "dataset", "max_train_samples")
 
 
-def make_accelerator(dist_timeout: int = 600) -> Accelerator:
+TRACKERS = {"none": None, "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
+
+
+def make_accelerator(dist_timeout: int = 600, report_to: str = "none") -> Accelerator:
     """An Accelerator whose dataloaders take GLOBAL batches and split them across processes.
 
     Without a GPU it is built with cpu=True: that is what turns `accelerate launch --multi_gpu
@@ -56,6 +62,9 @@ def make_accelerator(dist_timeout: int = 600) -> Accelerator:
         cpu=not torch.cuda.is_available(),
         dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=True),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=dist_timeout))],
+        log_with=TRACKERS[report_to],
+        # The real logging directory (inside the run directory) is set once the run directory is chosen.
+        project_config=ProjectConfiguration(logging_dir="runs"),
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate would silently train in fp32 here; say so instead.
@@ -127,7 +136,7 @@ class Health:
 
 
 def train_steps(accelerator: Accelerator, model, optimizer, loader, config: TrainConfig, channels_last: bool,
-                progress: Progress, totals: torch.Tensor, health: Health, on_sync) -> None:
+                progress: Progress, totals: torch.Tensor, health: Health, on_sync, bar=None) -> None:
     """Steps through the rest of the epoch in the chapter's order. Loss and accuracy accumulate into
     `totals` on the device (loss sum, correct, samples); nothing here waits on the host except the
     agreement every --sync-every steps (`on_sync`)."""
@@ -145,6 +154,8 @@ def train_steps(accelerator: Accelerator, model, optimizer, loader, config: Trai
         progress.step_in_epoch += 1
         progress.global_step += 1
         health.record(loss, progress.global_step)
+        if bar is not None:
+            bar.update(1)
         checkpoint_due = config.checkpoint_every and progress.global_step % config.checkpoint_every == 0
         if checkpoint_due or progress.global_step % config.sync_every == 0:
             on_sync(checkpoint_due)
@@ -175,6 +186,32 @@ def accuracy(confusion: torch.Tensor) -> tuple[float, int]:
 def use_channels_last(device: torch.device) -> bool:
     # cuDNN's fastest convolutions (tensor cores) want NHWC; on CPU NCHW is as fast or faster.
     return device.type == "cuda"
+
+
+def resolve_channels_last(config: TrainConfig, device: torch.device) -> bool:
+    return use_channels_last(device) if config.channels_last is None else config.channels_last
+
+
+def build_training(accelerator: Accelerator, config: TrainConfig, in_channels: int, num_classes: int):
+    """(model, optimizer, channels_last) for this device, not yet prepared; seeds the weights first so
+    every process starts from the same ones."""
+    set_seed(config.seed)
+    model = build_model(config.model_spec(in_channels=in_channels, num_classes=num_classes))
+    channels_last = resolve_channels_last(config, accelerator.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    on_gpu = accelerator.device.type == "cuda"
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
+    # One fused kernel for the whole SGD update on the GPU instead of one per parameter.
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                **({"fused": True} if on_gpu else {"foreach": True}))
+    return model, optimizer, channels_last
+
+
+def maybe_compile(model, config: TrainConfig):
+    # dynamic=False: batches are always full (Accelerate evens out the last one), so shapes never change.
+    return torch.compile(model, dynamic=False) if config.compile else model
 
 
 # ---- Run directory ------------------------------------------------------------------------------
@@ -363,17 +400,6 @@ def resolve_resume(accelerator: Accelerator, config: TrainConfig, run_dir: Path)
     return latest
 
 
-def keep_metrics_up_to(metrics_path: Path, epochs_done: int) -> None:
-    """Drop metric lines of epochs the resumed run will train again (written after the checkpoint)."""
-    if not metrics_path.exists():
-        return
-    lines = [line for line in metrics_path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["epoch"] <= epochs_done]
-    if kept != lines:
-        artifacts.write_atomically(metrics_path, lambda temporary: temporary.write_text(
-            "".join(line + "\n" for line in kept)))
-
-
 # ---- Main ------------------------------------------------------------------------------------------
 
 @exits_cleanly_on_usage_error
@@ -381,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv, prog="accelerate launch vgg_dist/train.py", description=__doc__.splitlines()[0])
     stop = StopRequest()
     stop.install()
-    accelerator = make_accelerator(config.dist_timeout)
+    accelerator = make_accelerator(config.dist_timeout, config.report_to)
     check_layout(accelerator, config.batch_size)
     layout = gather_layout(accelerator)
 
@@ -392,10 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_split)} training "
                          f"images; lower it or raise --max-train-samples")
     spec = config.model_spec(in_channels=data.in_channels, num_classes=len(data.class_names))
-
-    set_seed(config.seed)  # the same initial weights on every process
-    model = build_model(spec)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    model, optimizer, channels_last = build_training(accelerator, config, data.in_channels, len(data.class_names))
 
     accelerator.wait_for_everyone()  # every process has validated the output dir before it is created
     run_dir = choose_run_dir(accelerator, config)
@@ -411,9 +434,6 @@ def main(argv: list[str] | None = None) -> int:
             say(accelerator, f"removed {leftover}, left by an interrupted save")
     progress = restored.progress if restored else Progress()
 
-    channels_last = use_channels_last(accelerator.device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     # Whole global batches only: every optimizer step sees exactly --batch-size images on any world size.
     train_sampler = EpochBatchSampler(len(train_split), config.batch_size, shuffle=True, drop_last=True,
                                       seed=config.seed)
@@ -422,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     train_loader = make_loader(train_split, train_sampler, pin_memory)
     test_loader = make_loader(test_split, test_sampler, pin_memory)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    model = maybe_compile(model, config)
     if restored and restored.rng_tensors is not None:
         set_rng_state(restored.rng_tensors, restored.rng_plain)
     else:
@@ -434,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "class_names": list(data.class_names),
         "dataset": config.dataset,
         "data_source": data.source,
+        "source_image_size": list(data.train.images.shape[2:]),  # what predict resizes new images to first
         "train_samples": len(train_split),
         "test_samples": len(test_split),
         "flags": config.to_dict(),
@@ -443,9 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         "resumed_from": str(restored.path) if restored else None,
         "final_metrics": None,
     }
-    if accelerator.is_main_process:
+    files = RunFiles(run_dir) if accelerator.is_main_process else None
+    if files:
         artifacts.write_json(run_dir / artifacts.CONFIG_NAME, run_info)
-        keep_metrics_up_to(run_dir / artifacts.METRICS_NAME, progress.epoch)
+        files.write_config_file(config_file_values(config), CONFIG_FILE_NAME)
+        files.forget_after(progress.epoch, progress.global_step)
+    start_trackers(accelerator, config, run_dir)
     say(accelerator, run_header(accelerator, config, spec, model, run_dir, layout))
     if restored:
         say(accelerator, f"resumed from {restored.path}: epoch {progress.epoch + 1}, step "
@@ -475,7 +500,24 @@ def main(argv: list[str] | None = None) -> int:
                 raise Preempted(f"by {stop.signal_name or 'a signal on another process'} at step "
                                 f"{progress.global_step}; checkpoint {path}; rerun with --resume auto to continue")
 
-    trained_samples, train_seconds, record = 0, 0.0, {}
+    show_bar = accelerator.is_main_process and (sys.stdout.isatty() if config.progress is None else config.progress)
+    steps_per_epoch = train_sampler.full_length()
+    curve_every = max(1, steps_per_epoch // 5)  # five train points per epoch, as the chapter plots
+
+    def on_sync(totals: torch.Tensor, checkpoint_due: bool, bar) -> None:
+        check(totals, checkpoint_due)
+        if files and (bar is not None or progress.step_in_epoch % curve_every < config.sync_every):
+            # The processes just synchronised, so reading this process's running sums costs no extra stall.
+            loss_sum, correct, samples = totals.tolist()
+            point = {"epoch": progress.epoch + progress.step_in_epoch / steps_per_epoch,
+                     "global_step": progress.global_step, "train_loss": loss_sum / samples,
+                     "train_acc": correct / samples}
+            if bar is not None:
+                bar.set_postfix(loss=f"{point['train_loss']:.3f}", acc=f"{point['train_acc']:.3f}", refresh=False)
+            if progress.step_in_epoch % curve_every < config.sync_every:
+                files.add_curve_point(point)
+
+    trained_samples, train_seconds, record, confusion = 0, 0.0, {}, None
     while progress.epoch < config.epochs:
         epoch = progress.epoch
         train_sampler.start_epoch(epoch, skip_batches=progress.step_in_epoch)
@@ -483,9 +525,13 @@ def main(argv: list[str] | None = None) -> int:
         if restored and accelerator.is_main_process:
             totals += torch.tensor(restored.partial_totals, dtype=torch.float64, device=accelerator.device)
         restored = None
+        bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"train epoch {epoch + 1}/{config.epochs}",
+                   unit="batch", file=sys.stdout, leave=False, dynamic_ncols=True) if show_bar else None
         started = time.perf_counter()
         train_steps(accelerator, model, optimizer, train_loader, config, channels_last, progress, totals, health,
-                    on_sync=lambda due: check(totals, due))
+                    on_sync=lambda due: on_sync(totals, due, bar), bar=bar)
+        if bar is not None:
+            bar.close()
         loss_sum, correct, samples = accelerator.reduce(totals.clone(), reduction="sum").tolist()
         seconds = time.perf_counter() - started  # `.tolist()` above waited for the device
         check(totals, checkpoint_due=False)  # a non-finite end of epoch is never evaluated or saved
@@ -503,8 +549,10 @@ def main(argv: list[str] | None = None) -> int:
         say(accelerator, f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.3f}, "
                           f"train acc {record['train_acc']:.3f}, test acc {test_acc:.3f}, "
                           f"{record['examples_per_sec']:.1f} examples/sec")
-        if accelerator.is_main_process:
-            artifacts.append_jsonl(run_dir / artifacts.METRICS_NAME, record)
+        if files:
+            files.add_epoch(record)
+        accelerator.log({"train/loss": record["train_loss"], "train/acc": record["train_acc"],
+                         "test/acc": test_acc, "perf/examples_per_sec": record["examples_per_sec"]}, step=epoch + 1)
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
         is_best = progress.best_test_acc is None or test_acc > progress.best_test_acc
         if is_best:
@@ -514,8 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             if is_best and accelerator.is_main_process:
                 checkpoint.mark_best(checkpoints_dir, path, test_acc)
 
-    if not record and (run_dir / artifacts.METRICS_NAME).exists():  # resumed a run that had already finished
-        record = json.loads((run_dir / artifacts.METRICS_NAME).read_text().splitlines()[-1])
+    if not record and files:  # resumed a run that had already finished
+        record = files.last_epoch()
 
     identical = weights_agree(accelerator, model)
     if not identical:
@@ -527,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         run_info["final_metrics"] = record
         run_info["weights_identical_across_ranks"] = identical
         artifacts.write_json(run_dir / artifacts.CONFIG_NAME, run_info)
+        if confusion is not None:
+            files.write_report(confusion.tolist(), list(data.class_names))
     if record:
         say(accelerator, f"loss {record['train_loss']:.3f}, train acc {record['train_acc']:.3f}, "
                           f"test acc {record['test_acc']:.3f}")
@@ -536,6 +586,22 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def start_trackers(accelerator: Accelerator, config: TrainConfig, run_dir: Path) -> None:
+    """TensorBoard / W&B through Accelerate, logging into the run directory."""
+    if config.report_to == "none":
+        return
+    accelerator.project_configuration.logging_dir = str(run_dir / "tensorboard")
+    # TensorBoard's hparams take numbers, strings and booleans only.
+    flags = {name: (value if isinstance(value, (int, float, str, bool)) else str(value))
+             for name, value in config.to_dict().items()}
+    accelerator.init_trackers("vgg_dist", config=flags, init_kwargs={"wandb": {"name": run_dir.name, "dir": str(run_dir)}})
+
+
+def cli() -> None:
+    """Console script `vgg-dist-train`: the same as `python vgg_dist/train.py`."""
+    exit_process(main())
 
 
 def exit_process(code: int) -> None:

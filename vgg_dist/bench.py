@@ -1,0 +1,245 @@
+"""Side-by-side throughput: the chapter's training loop against vgg_dist's, on the same device and data.
+
+    python -m vgg_dist.bench                                   # 224x224, batch 128, chapter model
+    python -m vgg_dist.bench --image-size 64 --steps 20        # a size a CPU finishes quickly
+    accelerate launch --mixed_precision bf16 -m vgg_dist.bench --compile
+
+Three measurements in one run, each after warm-up steps that are not timed:
+  baseline   the chapter: PIL Resize + ToTensor in a DataLoader, fp32, NCHW, `.item()` every step
+  vgg_dist   the real training step and data path of `vgg_dist/train.py` (uint8 batches resized on
+             the device, no per-step host sync, the launch's precision)
+  loader     vgg_dist's input pipeline alone (batch indexing, transfer, on-device resize)
+Images/s count images through the whole step, data loading included. Results print as a table and
+are written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vgg_dist import train
+from vgg_dist.config import FlagParser, TrainConfig
+from vgg_dist.data import EpochBatchSampler, Split, load_dataset, to_model_input
+from vgg_dist.errors import UsageError, exits_cleanly_on_usage_error
+from vgg_dist.model import build_model
+from vgg_dist.preemption import StopRequest
+from vgg_dist.synthetic import make_images
+
+
+class ChapterDataset(torch.utils.data.Dataset):
+    """What torchvision's FashionMNIST hands the chapter's DataLoader: one PIL image per index."""
+
+    def __init__(self, split: Split, image_size: int):
+        from PIL import Image
+        from torchvision import transforms
+        self.split, self.to_pil = split, Image.fromarray
+        self.transform = transforms.Compose([transforms.Resize(image_size), transforms.ToTensor()])
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        image = self.to_pil(self.split.images[index, 0].numpy(), mode="L")
+        return self.transform(image), int(self.split.labels[index])
+
+
+def time_baseline(split: Split, config: TrainConfig, device: torch.device, steps: int, warmup: int,
+                  workers: int) -> dict:
+    """The chapter's `train_ch6` loop, timed over whole steps including the wait for data."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model_spec(1, 10)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    loader = torch.utils.data.DataLoader(ChapterDataset(split, config.image_size), batch_size=config.batch_size,
+                                         shuffle=True, num_workers=workers, drop_last=True)
+    model.train()
+    batches = iter(loader)
+    started, sums = None, [0.0, 0.0, 0]
+    for step in range(warmup + steps):
+        if step == warmup:
+            synchronize(device)
+            started = time.perf_counter()
+        images, labels = next(batches)
+        optimizer.zero_grad()
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # d2l's Accumulator: a host round trip every step
+            sums[0] += loss.item() * images.shape[0]
+            sums[1] += (logits.argmax(dim=1) == labels).sum().item()
+            sums[2] += images.shape[0]
+    seconds = time.perf_counter() - started
+    return {"images_per_sec": steps * config.batch_size / seconds, "seconds": seconds, "steps": steps}
+
+
+def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, warmup: int) -> dict:
+    """vgg_dist's own loop (`train.train_steps`) over a prepared model, optimizer and loader."""
+    torch.manual_seed(config.seed)
+    model, optimizer, channels_last = train.build_training(accelerator, config, in_channels=1, num_classes=10)
+    loaders = []
+    for count in (warmup, steps):
+        sampler = EpochBatchSampler(count * config.batch_size, config.batch_size, shuffle=True, drop_last=True,
+                                    seed=config.seed)
+        loaders.append(accelerator.prepare(train.make_loader(split.head(count * config.batch_size), sampler,
+                                                             pin_memory=accelerator.device.type == "cuda")))
+    prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    health = train.Health(accelerator.device, StopRequest())
+    results = {}
+    for name, loader in zip(("warmup", "timed"), loaders):
+        totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+        progress = train.Progress()
+        reset_peak_memory(accelerator.device)
+        synchronize(accelerator.device)
+        started = time.perf_counter()
+        train.train_steps(accelerator, prepared_model, prepared_optimizer, loader, config, channels_last,
+                          progress, totals, health, on_sync=lambda due: health.agree(accelerator, progress.global_step))
+        accelerator.reduce(totals.clone(), reduction="sum").tolist()  # what an epoch ends with; waits for the device
+        seconds = time.perf_counter() - started
+        results[name] = {"images_per_sec": progress.global_step * config.batch_size / seconds, "seconds": seconds,
+                         "steps": progress.global_step}
+    results["timed"]["peak_memory_bytes"] = peak_memory(accelerator.device)
+    return results["timed"]
+
+
+def time_loader(accelerator, split: Split, config: TrainConfig, steps: int) -> dict:
+    """The input pipeline alone: what the trainer's loader and resize deliver with no model attached."""
+    channels_last = train.resolve_channels_last(config, accelerator.device)
+    sampler = EpochBatchSampler(len(split), config.batch_size, shuffle=True, drop_last=True, seed=config.seed)
+    loader = accelerator.prepare(train.make_loader(split, sampler, pin_memory=accelerator.device.type == "cuda"))
+    synchronize(accelerator.device)
+    started, images_seen = time.perf_counter(), 0
+    for step, (images, labels) in enumerate(loader):
+        batch = to_model_input(images, config.image_size, channels_last)
+        images_seen += labels.shape[0]
+        if step + 1 >= steps:
+            break
+    synchronize(accelerator.device)
+    seconds = time.perf_counter() - started
+    del batch
+    return {"images_per_sec": images_seen * accelerator.num_processes / seconds, "seconds": seconds}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: allocated GPU memory, or on the CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = FlagParser(prog="python -m vgg_dist.bench", description=__doc__.splitlines()[0], allow_abbrev=False,
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch")
+    parser.add_argument("--width-divisor", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
+    parser.add_argument("--data-dir", help="time on real IDX files instead of synthetic 60k 28x28 images")
+    parser.add_argument("--baseline-workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="DataLoader workers for the baseline (the chapter uses 4)")
+    parser.add_argument("--skip-baseline", action="store_true", help="time vgg_dist and its loader only")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile vgg_dist's model")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="NHWC activations for vgg_dist (default: on for CUDA)")
+    parser.add_argument("--json", default=None, help="where to write the results (default: runs/bench-<time>.json)")
+    args = parser.parse_args(argv)
+    for name in ("image_size", "batch_size", "width_divisor", "steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.warmup < 1 or args.baseline_workers < 0:
+        raise UsageError("--warmup must be at least 1 and --baseline-workers at least 0")
+    return args
+
+
+def format_table(result: dict) -> str:
+    rows = [("baseline (chapter)", result.get("baseline")), ("vgg_dist", result["vgg_dist"]),
+            ("vgg_dist loader only", result["loader"])]
+    lines = [f"device {result['device_name']} ({result['device']}), torch {result['torch']}, "
+             f"precision {result['precision']}, {result['processes']} process(es), image {result['image_size']}, "
+             f"global batch {result['batch_size']}, compile {result['compile']}, channels_last {result['channels_last']}",
+             f"{'measurement':<24}{'images/s':>12}{'seconds':>10}"]
+    for name, row in rows:
+        if row:
+            lines.append(f"{name:<24}{row['images_per_sec']:>12.1f}{row['seconds']:>10.2f}")
+    if result.get("speedup") is not None:
+        lines.append(f"speedup vgg_dist / baseline: {result['speedup']:.2f}x")
+    lines.append(f"loader / vgg_dist step: {result['loader_headroom']:.1f}x "
+                 f"(loading is {100 / result['loader_headroom']:.1f}% of step time)")
+    lines.append(f"peak memory: {result['vgg_dist']['peak_memory_bytes'] / 2**20:.0f} MiB")
+    return "\n".join(lines)
+
+
+@exits_cleanly_on_usage_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = TrainConfig(image_size=args.image_size, batch_size=args.batch_size, width_divisor=args.width_divisor,
+                         compile=args.compile, channels_last=args.channels_last)
+    problems = config.model_spec(1, 10).problems()
+    if problems:
+        raise UsageError(f"--{problems[0][0].replace('_', '-')} {problems[0][1]}")
+    accelerator = train.make_accelerator()
+    train.check_layout(accelerator, config.batch_size)
+    needed = (max(args.warmup, args.steps) + 1) * config.batch_size
+    if args.data_dir:
+        split = load_dataset("fashion_mnist", args.data_dir).train
+    else:  # Fashion-MNIST's shape: 60,000 uint8 images of 28x28
+        images, labels = make_images(60_000, seed=0)
+        split = Split(images.unsqueeze(1), labels.long())
+    if len(split) < needed:
+        raise UsageError(f"--steps {args.steps} x --batch-size {args.batch_size} needs {needed} images; "
+                         f"the data has {len(split)}")
+
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(accelerator.device),
+        "device_name": (torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "torch": torch.__version__, "precision": accelerator.mixed_precision,
+        "processes": accelerator.num_processes, "image_size": args.image_size, "batch_size": args.batch_size,
+        "width_divisor": args.width_divisor, "steps": args.steps, "warmup": args.warmup,
+        "compile": args.compile, "channels_last": train.resolve_channels_last(config, accelerator.device),
+        "data": args.data_dir or "synthetic 60000x28x28 uint8", "command": " ".join(sys.argv),
+    }
+    if not args.skip_baseline and accelerator.num_processes == 1:
+        result["baseline"] = time_baseline(split, config, accelerator.device, args.steps, args.warmup,
+                                           args.baseline_workers)
+    result["vgg_dist"] = time_vgg_dist(accelerator, split, config, args.steps, args.warmup)
+    result["loader"] = time_loader(accelerator, split, config, args.steps * 4)
+    result["speedup"] = (result["vgg_dist"]["images_per_sec"] / result["baseline"]["images_per_sec"]
+                         if "baseline" in result else None)
+    result["loader_headroom"] = result["loader"]["images_per_sec"] / result["vgg_dist"]["images_per_sec"]
+    if accelerator.is_main_process:
+        print(format_table(result))
+        path = Path(args.json or f"runs/bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

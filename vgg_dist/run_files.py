@@ -1,0 +1,71 @@
+"""What a run writes into its directory as it goes; called on the main process only.
+
+    config.json          the run's description (artifacts.py), rewritten with final metrics at the end
+    train_config.yaml    the resolved flags, ready for `--config` to reproduce the recipe
+    metrics.jsonl        one record per epoch
+    train_curve.jsonl    fractional-epoch train loss/accuracy points for the curves
+    curves.png/.svg      redrawn after every epoch
+    report.json, confusion.png/.svg   per-class results of the final evaluation
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from vgg_dist import artifacts
+from vgg_dist.report import per_class_report
+
+CURVE_NAME = "train_curve.jsonl"
+REPORT_NAME = "report.json"
+
+
+class RunFiles:
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def write_config_file(self, values: dict, name: str) -> None:
+        text = "# Reproduce this run's recipe: accelerate launch vgg_dist/train.py --config THIS_FILE --output-dir NEW\n"
+        text += yaml.safe_dump(values, sort_keys=False)
+        artifacts.write_atomically(self.run_dir / name, lambda temporary: temporary.write_text(text))
+
+    def forget_after(self, epochs_done: int, global_step: int) -> None:
+        """On resume: drop records the resumed run will produce again (they were written after its checkpoint)."""
+        self._keep(artifacts.METRICS_NAME, lambda record: record["epoch"] <= epochs_done)
+        self._keep(CURVE_NAME, lambda record: record["global_step"] <= global_step)
+
+    def _keep(self, name: str, wanted) -> None:
+        path = self.run_dir / name
+        if not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if wanted(json.loads(line))]
+        if kept != lines:
+            artifacts.write_atomically(path, lambda temporary: temporary.write_text("".join(f"{x}\n" for x in kept)))
+
+    def add_curve_point(self, point: dict) -> None:
+        artifacts.append_jsonl(self.run_dir / CURVE_NAME, point)
+
+    def add_epoch(self, record: dict) -> None:
+        artifacts.append_jsonl(self.run_dir / artifacts.METRICS_NAME, record)
+        from vgg_dist.plots import plot_curves  # matplotlib only where a picture is drawn
+        plot_curves(self._read(artifacts.METRICS_NAME), self._read(CURVE_NAME), self.run_dir / "curves")
+
+    def last_epoch(self) -> dict:
+        records = self._read(artifacts.METRICS_NAME)
+        return records[-1] if records else {}
+
+    def write_report(self, confusion: list[list[int]], class_names: list[str]) -> dict:
+        report = per_class_report(confusion, class_names)
+        artifacts.write_json(self.run_dir / REPORT_NAME, report)
+        from vgg_dist.plots import plot_confusion
+        plot_confusion(confusion, class_names, self.run_dir / "confusion")
+        return report
+
+    def _read(self, name: str) -> list[dict]:
+        path = self.run_dir / name
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
