@@ -135,3 +135,21 @@ def test_device_resize_is_close_to_the_chapters_pil_resize():
     # most one grey level.
     assert difference.max() <= 1 / 255 + 1e-6
     assert difference.mean() < 0.5 / 255
+
+
+def test_hub_path_converts_a_datasets_dataset(monkeypatch):
+    """The Hub path after the download: a DatasetDict of PIL images and ClassLabels, built locally."""
+    import datasets
+    from PIL import Image
+    images, labels = make_images(12, seed=5)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    split = datasets.Dataset.from_dict({"image": [Image.fromarray(image.numpy()) for image in images],
+                                        "label": labels.tolist()}, features=features)
+    requested = []
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name: requested.append(name) or datasets.DatasetDict(train=split, test=split))
+    data = load_dataset("fashion_mnist", None)
+    assert requested == ["zalando-datasets/fashion_mnist"]
+    assert data.train.images.shape == (12, 1, 28, 28) and data.train.images.dtype == torch.uint8
+    assert torch.equal(data.train.images[:, 0], images) and torch.equal(data.test.labels, labels.long())
+    assert data.source == "hf://zalando-datasets/fashion_mnist"

@@ -115,7 +115,7 @@ def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, wa
 
 def time_loader(accelerator, split: Split, config: TrainConfig, steps: int) -> dict:
     """The input pipeline alone: what the trainer's loader and resize deliver with no model attached."""
-    channels_last = train.resolve_channels_last(config, accelerator.device)
+    channels_last = config.channels_last
     sampler = EpochBatchSampler(len(split), config.batch_size, shuffle=True, drop_last=True, seed=config.seed)
     loader = accelerator.prepare(train.make_loader(split, sampler, pin_memory=accelerator.device.type == "cuda"))
     synchronize(accelerator.device)
@@ -162,8 +162,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-baseline", action="store_true", help="time vgg_dist and its loader only")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile vgg_dist's model")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="NHWC activations for vgg_dist (default: on for CUDA)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="NHWC activations for vgg_dist")
     parser.add_argument("--json", default=None, help="where to write the results (default: runs/bench-<time>.json)")
     args = parser.parse_args(argv)
     for name in ("image_size", "batch_size", "width_divisor", "steps"):
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "precision": accelerator.mixed_precision,
         "processes": accelerator.num_processes, "image_size": args.image_size, "batch_size": args.batch_size,
         "width_divisor": args.width_divisor, "steps": args.steps, "warmup": args.warmup,
-        "compile": args.compile, "channels_last": train.resolve_channels_last(config, accelerator.device),
+        "compile": args.compile, "channels_last": config.channels_last,
         "data": args.data_dir or "synthetic 60000x28x28 uint8", "command": " ".join(sys.argv),
     }
     if not args.skip_baseline and accelerator.num_processes == 1:

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from vgg_dist.artifacts import write_json
+from vgg_dist.artifacts import fsync_path, write_json
 from vgg_dist.errors import UsageError
 
 MANIFEST = "manifest.json"
@@ -105,14 +105,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def save_checkpoint(checkpoints_dir: Path, global_step: int,
                     tensor_files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]],
                     state: dict) -> Path:
@@ -134,13 +126,13 @@ def save_checkpoint(checkpoints_dir: Path, global_step: int,
     (temporary / STATE).write_text(json.dumps(state, indent=1) + "\n")
     files = sorted(path.name for path in temporary.iterdir())
     for name in files:
-        _fsync(temporary / name)
+        fsync_path(temporary / name)
     manifest = {"format_version": FORMAT_VERSION, "global_step": global_step,
                 "files": {name: {"bytes": (temporary / name).stat().st_size, "sha256": _sha256(temporary / name)}
                           for name in files}}
     (temporary / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    _fsync(temporary / MANIFEST)
-    _fsync(temporary)
+    fsync_path(temporary / MANIFEST)
+    fsync_path(temporary)
     if final.exists():  # an earlier attempt at this very step, e.g. before a requeue: replace it whole
         stale = checkpoints_dir / f"{_TEMPORARY_PREFIX}stale-{final.name}-{os.getpid()}"
         os.replace(final, stale)
@@ -148,7 +140,7 @@ def save_checkpoint(checkpoints_dir: Path, global_step: int,
         shutil.rmtree(stale, ignore_errors=True)
     else:
         os.replace(temporary, final)
-    _fsync(checkpoints_dir)
+    fsync_path(checkpoints_dir)
     return final
 
 

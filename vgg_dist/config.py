@@ -47,11 +47,13 @@ class TrainConfig:
     seed: int = _field(0, "seed for weights, data order and dropout")
     # Speed
     compile: bool = _field(False, "torch.compile the model (compiles once for training, once for evaluation)")
-    channels_last: bool | None = _field(None, "NHWC activations (default: on for CUDA, where cuDNN's "
-                                              "tensor-core kernels want them; off on CPU)")
+    channels_last: bool = _field(True, "NHWC activations: cuDNN's tensor-core kernels want them, and on "
+                                       "the CPU oneDNN ran this model 1.5x faster with them (BENCHMARKS.md)")
     # Output
     output_dir: str | None = _field(None, "run directory; must not already hold files unless resuming "
                                           "(default: runs/<timestamp>)")
+    ddp_bf16_grads: bool = _field(False, "all-reduce gradients in bf16 (DDP comm hook): half the traffic, "
+                                         "for multi-node runs on slow networks")
     # What you see
     progress: bool | None = _field(None, "progress bar per epoch (default: on when stdout is a terminal)")
     report_to: str = _field("none", "experiment trackers, through Accelerate", choices=("none", "tensorboard",

@@ -170,14 +170,20 @@ def load_from_hub(dataset: str) -> FashionData:
     try:
         import datasets
         loaded = datasets.load_dataset(info.hub_id).with_format("numpy")
-        splits = {name: Split(torch.from_numpy(loaded[name]["image"].astype("uint8")).unsqueeze(1),
-                              torch.from_numpy(loaded[name]["label"]).long())
-                  for name in ("train", "test")}
+        columns = {name: loaded[name][:] for name in ("train", "test")}  # whole splits as arrays
     except ImportError:
         raise UsageError(no_data_message(dataset, "the `datasets` package is not installed")) from None
     except Exception as error:  # offline, hub down, cache corrupt: all end the same way for the user
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(no_data_message(dataset, f"{info.hub_id} could not be loaded: {reason}")) from None
+    splits = {}
+    for name, column in columns.items():
+        images = torch.from_numpy(column["image"].astype("uint8"))
+        if images.dim() != 3:
+            raise UsageError(f"{info.hub_id} ({name}): expected grayscale images, got array shape "
+                             f"{list(images.shape)}")
+        labels = torch.from_numpy(column["label"]).long()
+        splits[name] = Split(images.unsqueeze(1), labels)
     return FashionData(splits["train"], splits["test"], info.class_names, source=f"hf://{info.hub_id}")
 
 

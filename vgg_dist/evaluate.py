@@ -20,7 +20,7 @@ from vgg_dist.config import FlagParser
 from vgg_dist.data import EpochBatchSampler, load_dataset
 from vgg_dist.errors import UsageError, exits_cleanly_on_usage_error
 from vgg_dist.model import ModelSpec
-from vgg_dist.train import accuracy, check_layout, evaluate, make_accelerator, make_loader, use_channels_last
+from vgg_dist.train import accuracy, check_layout, evaluate, make_accelerator, make_loader
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if data.in_channels != spec.in_channels or len(data.class_names) != spec.num_classes:
         raise UsageError(f"--data-dir {data_dir}: its images/classes do not match the model in {args.checkpoint}")
     test = data.test.head(max_eval)
-    channels_last = use_channels_last(accelerator.device)
+    channels_last = flags.get("channels_last", True)  # the layout training evaluated in, for identical numbers
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     loader = make_loader(test, EpochBatchSampler(len(test), batch_size, shuffle=False, drop_last=False),

@@ -1,0 +1,38 @@
+"""The benchmark runs end to end on a tiny CPU configuration (a smoke test: no timing is asserted)."""
+
+import json
+import sys
+
+from conftest import launch_command, run_bounded
+
+TINY_BENCH = ["--image-size", "32", "--width-divisor", "16", "--batch-size", "16", "--steps", "3", "--warmup", "1"]
+
+
+def test_bench_times_baseline_vgg_dist_and_loader(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_bounded([sys.executable, "-m", "vgg_dist.bench", *TINY_BENCH, "--baseline-workers", "0",
+                          "--json", str(out)], timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    for name in ("baseline", "vgg_dist", "loader"):
+        assert report[name]["images_per_sec"] > 0, name
+    assert report["vgg_dist"]["steps"] == 3 and report["baseline"]["steps"] == 3
+    assert report["speedup"] == report["vgg_dist"]["images_per_sec"] / report["baseline"]["images_per_sec"]
+    assert report["torch"] and report["device"] == "cpu" and report["precision"] == "no"
+    assert report["vgg_dist"]["peak_memory_bytes"] > 0
+    for line in ("baseline (chapter)", "vgg_dist loader only", "speedup vgg_dist / baseline", "peak memory"):
+        assert line in result.stdout
+
+
+def test_bench_under_two_processes(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_bounded(launch_command(2, "-m", "vgg_dist.bench", *TINY_BENCH, "--json", str(out)), timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["processes"] == 2 and "baseline" not in report and report["vgg_dist"]["images_per_sec"] > 0
+    assert result.stdout.count("vgg_dist loader only") == 1
+
+
+def test_bench_refuses_bad_sizes(tmp_path):
+    result = run_bounded([sys.executable, "-m", "vgg_dist.bench", "--image-size", "50"], timeout=120)
+    assert result.returncode == 2 and "--image-size must be a multiple of 32" in result.stderr
