@@ -268,6 +268,12 @@ def weights_agree(accelerator: Accelerator, model) -> bool:
 
 # ---- Checkpoint state -----------------------------------------------------------------------------
 
+def plain_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor]:
+    """The weights under the plain model's names (`0.0.weight`), whatever wraps it: DDP, autocast,
+    torch.compile (whose `_orig_mod.` prefix Accelerate keeps unless told otherwise)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False).state_dict()
+
+
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     """This process's random number generators: tensors, and JSON for Python's and NumPy's."""
     tensors = {"torch": torch.get_rng_state()}
@@ -313,7 +319,7 @@ def save_training_checkpoint(accelerator: Accelerator, model, optimizer, spec: M
             "flags": config.to_dict(),
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        weights = accelerator.unwrap_model(model).state_dict()
+        weights = plain_state_dict(accelerator, model)
         path = checkpoint.save_checkpoint(checkpoints_dir, progress.global_step, {
             "model.safetensors": (weights, artifacts.weights_metadata(spec)),
             "optimizer.safetensors": (optimizer_tensors, {}),
@@ -566,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         say(accelerator, f"warning: the {accelerator.num_processes} processes ended with different weights; "
                           f"rank 0's are saved")
     if accelerator.is_main_process:
-        weights = accelerator.unwrap_model(model).state_dict()
+        weights = plain_state_dict(accelerator, model)
         artifacts.save_weights(run_dir / artifacts.WEIGHTS_NAME, weights, spec)
         run_info["final_metrics"] = record
         run_info["weights_identical_across_ranks"] = identical
