@@ -119,10 +119,8 @@ class Health:
         self.stop = stop
 
     def record(self, loss: torch.Tensor, global_step: int) -> None:
-        bad = ~torch.isfinite(loss.detach())
-        self.first_bad_step = torch.where(bad, torch.minimum(self.first_bad_step,
-                                                             torch.full_like(self.first_bad_step, global_step)),
-                                          self.first_bad_step)
+        first = ~torch.isfinite(loss.detach()) & (self.first_bad_step == self.NONE)
+        self.first_bad_step = torch.where(first, global_step, self.first_bad_step)
 
     def agree(self, accelerator: Accelerator, global_step: int, model=None) -> tuple[bool, int | None]:
         """(some process was asked to stop, first non-finite step on any process or None); one collective.
@@ -133,8 +131,8 @@ class Health:
         bad = self.first_bad_step.clone()
         if model is not None:
             finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-            bad = torch.where(finite, bad, torch.minimum(bad, torch.full_like(bad, global_step)))
-        local = torch.stack([torch.tensor(float(self.stop.requested), device=bad.device).long(), bad])
+            bad = torch.where(finite | (bad != self.NONE), bad, global_step)
+        local = torch.stack([torch.tensor(int(self.stop.requested), device=bad.device), bad])
         both = accelerator.gather(local.unsqueeze(0)).view(-1, 2).cpu()
         stop, first_bad = bool(both[:, 0].max()), int(both[:, 1].min())
         return stop, (None if first_bad == self.NONE else first_bad)
