@@ -161,6 +161,7 @@ def test_written_config_reproduces_the_run(tmp_path, tiny_data):
 @pytest.mark.parametrize("content, message", [
     ("epochs: three\n", "epochs must be int"),
     ("epoch: 3\n", "unknown setting 'epoch'"),
+    ("output_dir: runs/x\n", "output_dir is not part of a recipe"),
     ("- 1\n- 2\n", "must be a mapping"),
     ("epochs: [\n", "not readable YAML"),
 ])

@@ -156,7 +156,10 @@ def read_config_file(path: Path) -> dict:
     defaults = {}
     for key, value in values.items():
         name = str(key).removeprefix("--").replace("-", "_")
-        if name not in fields or name in NOT_IN_CONFIG_FILES:
+        if name in NOT_IN_CONFIG_FILES:
+            raise UsageError(f"--config {path}: {key} is not part of a recipe; pass --{name.replace('_', '-')} "
+                             f"on the command line")
+        if name not in fields:
             raise UsageError(f"--config {path}: unknown setting {key!r}; use flag names such as batch_size")
         kind = _base_type(name)
         allowed = (int, float) if kind is float else (kind,)
