@@ -49,6 +49,9 @@ def test_every_launch_file_is_covered():
     assert shipped == set(PROMISES)
     for sbatch in (LAUNCH / "slurm").glob("*.sbatch"):
         assert sbatch.read_text().splitlines()[1].startswith(f"# sbatch launch/slurm/{sbatch.name}")
+    for script in [*(LAUNCH / "slurm").glob("*.sbatch"), *LAUNCH.glob("*.sh")]:
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, script
+    assert (LAUNCH / "gpu_check.sh").read_text().splitlines()[1] == "# bash launch/gpu_check.sh OUT_DIR"
 
 
 def test_cpu_config_gives_a_real_two_process_job(tmp_path, tiny_data):

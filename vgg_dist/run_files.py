@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import yaml
@@ -25,6 +26,17 @@ REPORT_NAME = "report.json"
 class RunFiles:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
+        self._plots = self._import_plots()
+
+    @staticmethod
+    def _import_plots():
+        """matplotlib draws the pictures; a machine without it still trains and keeps every record."""
+        try:
+            from vgg_dist import plots
+        except ImportError as error:
+            print(f"warning: no curves or confusion picture ({error}); pip install matplotlib", file=sys.stderr)
+            return None
+        return plots
 
     def write_config_file(self, values: dict, name: str) -> None:
         text = "# Reproduce this run's recipe: accelerate launch vgg_dist/train.py --config THIS_FILE --output-dir NEW\n"
@@ -50,8 +62,8 @@ class RunFiles:
 
     def add_epoch(self, record: dict) -> None:
         artifacts.append_jsonl(self.run_dir / artifacts.METRICS_NAME, record)
-        from vgg_dist.plots import plot_curves  # matplotlib only where a picture is drawn
-        plot_curves(self._read(artifacts.METRICS_NAME), self._read(CURVE_NAME), self.run_dir / "curves")
+        if self._plots:
+            self._plots.plot_curves(self._read(artifacts.METRICS_NAME), self._read(CURVE_NAME), self.run_dir / "curves")
 
     def last_epoch(self) -> dict:
         records = self._read(artifacts.METRICS_NAME)
@@ -60,8 +72,8 @@ class RunFiles:
     def write_report(self, confusion: list[list[int]], class_names: list[str]) -> dict:
         report = per_class_report(confusion, class_names)
         artifacts.write_json(self.run_dir / REPORT_NAME, report)
-        from vgg_dist.plots import plot_confusion
-        plot_confusion(confusion, class_names, self.run_dir / "confusion")
+        if self._plots:
+            self._plots.plot_confusion(confusion, class_names, self.run_dir / "confusion")
         return report
 
     def _read(self, name: str) -> list[dict]:

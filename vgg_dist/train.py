@@ -527,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         if restored and accelerator.is_main_process:
             totals += torch.tensor(restored.partial_totals, dtype=torch.float64, device=accelerator.device)
         restored = None
+        if accelerator.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
         bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"train epoch {epoch + 1}/{config.epochs}",
                    unit="batch", file=sys.stdout, leave=False, dynamic_ncols=True) if show_bar else None
         started = time.perf_counter()
@@ -547,7 +549,10 @@ def main(argv: list[str] | None = None) -> int:
         record = {"epoch": epoch + 1, "train_loss": loss_sum / samples, "train_acc": correct / samples,
                   "train_samples": int(samples), "test_acc": test_acc, "test_samples": test_samples,
                   "examples_per_sec": epoch_samples / seconds, "seconds": seconds, "eval_seconds": eval_seconds,
-                  "global_step": progress.global_step}
+                  "global_step": progress.global_step,
+                  # Per epoch, so a leak shows as growth from one line to the next.
+                  "peak_memory_bytes": (torch.cuda.max_memory_allocated(accelerator.device)
+                                        if accelerator.device.type == "cuda" else None)}
         say(accelerator, f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.3f}, "
                           f"train acc {record['train_acc']:.3f}, test acc {test_acc:.3f}, "
                           f"{record['examples_per_sec']:.1f} examples/sec")
