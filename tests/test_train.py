@@ -138,3 +138,13 @@ def test_no_data_anywhere_says_how_to_get_it(tmp_path):
     result = run_bounded([sys.executable, TRAIN_SCRIPT, "--output-dir", str(tmp_path / "run")], timeout=120, env=env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "pass --data-dir DIR" in result.stderr
+
+
+def test_bf16_gradient_all_reduce_is_applied_and_stays_close(tmp_path, tiny_data):
+    args = [*TINY_MODEL, "--epochs", "1", "--batch-size", "32", "--max-train-samples", "128", "--dropout", "0"]
+    exact, _ = train(tmp_path, tiny_data, *args, num_processes=2, name="fp32_grads")
+    rounded, _ = train(tmp_path, tiny_data, *args, "--ddp-bf16-grads", num_processes=2, name="bf16_grads")
+    exact_weights, rounded_weights = read_weights(exact), read_weights(rounded)
+    assert any(not torch.equal(exact_weights[name], rounded_weights[name]) for name in exact_weights)
+    for name in exact_weights:  # bf16 keeps ~3 significant digits of each gradient
+        torch.testing.assert_close(rounded_weights[name], exact_weights[name], rtol=0.05, atol=2e-3, msg=name)
