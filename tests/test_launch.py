@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
 from conftest import (REPO, TINY_MODEL, TRAIN_SCRIPT, free_port, quiet_env, read_metrics, run_bounded)

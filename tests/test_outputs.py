@@ -2,7 +2,6 @@
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_MODEL, TRAIN_SCRIPT, launch_command, quiet_env, read_weights, run_bounded, train
+from conftest import TINY_MODEL, TRAIN_SCRIPT, read_weights, run_bounded, train
 from vgg_dist import artifacts
 from vgg_dist.data import to_model_input
 from vgg_dist.predict import main as predict_main

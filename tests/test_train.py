@@ -1,7 +1,6 @@
 """End-to-end training through `accelerate launch`, on 1 and 2 real CPU processes."""
 
 import json
-import subprocess
 import sys
 
 import pytest

@@ -237,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
+    accelerator.wait_for_everyone()  # no process tears down gloo while another still uses it
     accelerator.end_training()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    train.exit_process(main())

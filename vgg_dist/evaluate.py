@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
@@ -20,7 +19,7 @@ from vgg_dist.config import FlagParser
 from vgg_dist.data import EpochBatchSampler, load_dataset
 from vgg_dist.errors import UsageError, exits_cleanly_on_usage_error
 from vgg_dist.model import ModelSpec
-from vgg_dist.train import accuracy, check_layout, evaluate, make_accelerator, make_loader
+from vgg_dist.train import accuracy, check_layout, evaluate, exit_process, make_accelerator, make_loader
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     test_acc, test_samples = accuracy(confusion)
     if accelerator.is_main_process:
         print(json.dumps({"test_acc": test_acc, "test_samples": test_samples, "checkpoint": str(args.checkpoint)}))
+    accelerator.wait_for_everyone()  # no process tears down gloo while another still uses it
     accelerator.end_training()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
