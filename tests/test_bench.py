@@ -20,6 +20,7 @@ def test_bench_times_baseline_vgg_dist_and_loader(tmp_path):
     assert report["speedup"] == report["vgg_dist"]["images_per_sec"] / report["baseline"]["images_per_sec"]
     assert report["torch"] and report["device"] == "cpu" and report["precision"] == "no"
     assert report["vgg_dist"]["peak_memory_bytes"] > 0
+    assert report["vgg_dist"]["compiled"] is False
     for line in ("baseline (chapter)", "vgg_dist loader only", "speedup vgg_dist / baseline", "peak memory"):
         assert line in result.stdout
 
@@ -36,3 +37,11 @@ def test_bench_under_two_processes(tmp_path):
 def test_bench_refuses_bad_sizes(tmp_path):
     result = run_bounded([sys.executable, "-m", "vgg_dist.bench", "--image-size", "50"], timeout=120)
     assert result.returncode == 2 and "--image-size must be a multiple of 32" in result.stderr
+
+
+def test_bench_compile_really_compiles_the_timed_model(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_bounded([sys.executable, "-m", "vgg_dist.bench", *TINY_BENCH, "--skip-baseline", "--compile",
+                          "--json", str(out)], timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["vgg_dist"]["compiled"] is True

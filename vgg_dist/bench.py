@@ -86,7 +86,6 @@ def time_baseline(split: Split, config: TrainConfig, device: torch.device, steps
 
 def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, warmup: int) -> dict:
     """vgg_dist's own loop (`train.train_steps`) over a prepared model, optimizer and loader."""
-    torch.manual_seed(config.seed)
     model, optimizer, channels_last = train.build_training(accelerator, config, in_channels=1, num_classes=10)
     loaders = []
     for count in (warmup, steps):
@@ -95,6 +94,7 @@ def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, wa
         loaders.append(accelerator.prepare(train.make_loader(split.head(count * config.batch_size), sampler,
                                                              pin_memory=accelerator.device.type == "cuda")))
     prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    prepared_model = train.maybe_compile(prepared_model, config)  # as the trainer does; warm-up pays for it
     health = train.Health(accelerator.device, StopRequest())
     results = {}
     for name, loader in zip(("warmup", "timed"), loaders):
@@ -110,6 +110,7 @@ def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, wa
         results[name] = {"images_per_sec": progress.global_step * config.batch_size / seconds, "seconds": seconds,
                          "steps": progress.global_step}
     results["timed"]["peak_memory_bytes"] = peak_memory(accelerator.device)
+    results["timed"]["compiled"] = hasattr(prepared_model, "_orig_mod")  # what really ran, not the flag
     return results["timed"]
 
 
