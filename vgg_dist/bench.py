@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from vgg_dist import train
 from vgg_dist.config import FlagParser, TrainConfig
 from vgg_dist.data import EpochBatchSampler, Split, load_dataset, to_model_input
-from vgg_dist.errors import UsageError, exits_cleanly_on_usage_error
+from vgg_dist.errors import UsageError, exits_cleanly_on_stop
 from vgg_dist.model import build_model
 from vgg_dist.preemption import StopRequest
 from vgg_dist.synthetic import make_images
@@ -92,7 +92,7 @@ def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, wa
         sampler = EpochBatchSampler(count * config.batch_size, config.batch_size, shuffle=True, drop_last=True,
                                     seed=config.seed)
         loaders.append(accelerator.prepare(train.make_loader(split.head(count * config.batch_size), sampler,
-                                                             pin_memory=accelerator.device.type == "cuda")))
+                                                             accelerator.device)))
     prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
     prepared_model = train.maybe_compile(prepared_model, config)  # as the trainer does; warm-up pays for it
     health = train.Health(accelerator.device, StopRequest())
@@ -118,7 +118,7 @@ def time_loader(accelerator, split: Split, config: TrainConfig, steps: int) -> d
     """The input pipeline alone: what the trainer's loader and resize deliver with no model attached."""
     channels_last = config.channels_last
     sampler = EpochBatchSampler(len(split), config.batch_size, shuffle=True, drop_last=True, seed=config.seed)
-    loader = accelerator.prepare(train.make_loader(split, sampler, pin_memory=accelerator.device.type == "cuda"))
+    loader = accelerator.prepare(train.make_loader(split, sampler, accelerator.device))
     synchronize(accelerator.device)
     started, images_seen = time.perf_counter(), 0
     for step, (images, labels) in enumerate(loader):
@@ -193,7 +193,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-@exits_cleanly_on_usage_error
+@exits_cleanly_on_stop
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = TrainConfig(image_size=args.image_size, batch_size=args.batch_size, width_divisor=args.width_divisor,

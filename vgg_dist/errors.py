@@ -37,7 +37,7 @@ def is_launcher_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def exits_cleanly_on_usage_error(main: Callable[..., int]) -> Callable[..., int]:
+def exits_cleanly_on_stop(main: Callable[..., int]) -> Callable[..., int]:
     """Turn a StopRun escaping `main` into one line on stderr (once per job) and its exit code."""
 
     @functools.wraps(main)

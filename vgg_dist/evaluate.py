@@ -17,7 +17,7 @@ import torch
 from vgg_dist import artifacts
 from vgg_dist.config import FlagParser
 from vgg_dist.data import EpochBatchSampler, load_dataset
-from vgg_dist.errors import UsageError, exits_cleanly_on_usage_error
+from vgg_dist.errors import UsageError, exits_cleanly_on_stop
 from vgg_dist.model import ModelSpec
 from vgg_dist.train import accuracy, check_layout, evaluate, exit_process, make_accelerator, make_loader
 
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@exits_cleanly_on_usage_error
+@exits_cleanly_on_stop
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model, run_config = artifacts.load_model(args.checkpoint)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     loader = make_loader(test, EpochBatchSampler(len(test), batch_size, shuffle=False, drop_last=False),
-                         pin_memory=accelerator.device.type == "cuda")
+                         accelerator.device)
     model, loader = accelerator.prepare(model, loader)
     confusion = evaluate(accelerator, model, loader, spec.image_size, spec.num_classes, channels_last)
     test_acc, test_samples = accuracy(confusion)

@@ -22,7 +22,7 @@ import torch
 from vgg_dist import artifacts
 from vgg_dist.config import FlagParser
 from vgg_dist.data import to_model_input
-from vgg_dist.errors import UsageError, exits_cleanly_on_usage_error
+from vgg_dist.errors import UsageError, exits_cleanly_on_stop
 
 
 def load_image(path: Path, in_channels: int, source_size: tuple[int, int], invert: bool) -> torch.Tensor:
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@exits_cleanly_on_usage_error
+@exits_cleanly_on_stop
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model, run_config = artifacts.load_model(Path(args.checkpoint))

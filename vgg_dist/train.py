@@ -38,7 +38,7 @@ from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelK
 from vgg_dist import artifacts, checkpoint
 from vgg_dist.config import CONFIG_FILE_NAME, TrainConfig, config_file_values, parse_config
 from vgg_dist.data import BatchIndexedTensors, EpochBatchSampler, Split, keep_batch, load_dataset, to_model_input
-from vgg_dist.errors import Diverged, Preempted, UsageError, exits_cleanly_on_usage_error
+from vgg_dist.errors import Diverged, Preempted, UsageError, exits_cleanly_on_stop
 from vgg_dist.model import ModelSpec, build_model, count_parameters
 from vgg_dist.preemption import StopRequest, requeue_slurm_job
 from vgg_dist.run_files import RunFiles
@@ -91,12 +91,13 @@ def check_layout(accelerator: Accelerator, batch_size: int) -> None:
                          f"use a multiple of {processes}")
 
 
-def make_loader(split: Split, sampler: EpochBatchSampler, pin_memory: bool) -> torch.utils.data.DataLoader:
+def make_loader(split: Split, sampler: EpochBatchSampler, device: torch.device) -> torch.utils.data.DataLoader:
     # The whole dataset is a few tensors in memory and a batch is one index op, so worker processes
     # would only add inter-process copies. The loader's own generator keeps it from drawing on the
     # global RNG, whose stream (dropout) a resumed run must continue exactly.
     return torch.utils.data.DataLoader(BatchIndexedTensors(split), batch_sampler=sampler, collate_fn=keep_batch,
-                                       pin_memory=pin_memory, generator=torch.Generator())
+                                       pin_memory=device.type == "cuda",  # for non-blocking copies
+                                       generator=torch.Generator())
 
 
 @dataclasses.dataclass
@@ -403,7 +404,7 @@ def resolve_resume(accelerator: Accelerator, config: TrainConfig, run_dir: Path)
 
 # ---- Main ------------------------------------------------------------------------------------------
 
-@exits_cleanly_on_usage_error
+@exits_cleanly_on_stop
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv, prog="accelerate launch vgg_dist/train.py", description=__doc__.splitlines()[0])
     stop = StopRequest()
@@ -439,9 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     train_sampler = EpochBatchSampler(len(train_split), config.batch_size, shuffle=True, drop_last=True,
                                       seed=config.seed)
     test_sampler = EpochBatchSampler(len(test_split), config.batch_size, shuffle=False, drop_last=False)
-    pin_memory = accelerator.device.type == "cuda"
-    train_loader = make_loader(train_split, train_sampler, pin_memory)
-    test_loader = make_loader(test_split, test_sampler, pin_memory)
+    train_loader = make_loader(train_split, train_sampler, accelerator.device)
+    test_loader = make_loader(test_split, test_sampler, accelerator.device)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     model = maybe_compile(model, config)
     if restored and restored.rng_tensors is not None:
