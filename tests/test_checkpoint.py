@@ -329,16 +329,16 @@ def test_checkpoint_of_another_model_is_refused(reference, tiny_data, tmp_path, 
 
 
 def test_another_num_classes_is_refused_before_weights_change(reference):
+    from vgg_dist import checkpoint_state
     from vgg_dist.config import TrainConfig
     from vgg_dist.model import build_model
-    from vgg_dist.train import load_training_checkpoint
-    config = TrainConfig(image_size=64, width_divisor=16, hidden_size=128, batch_size=16)
+    config = TrainConfig(image_size=64, width_divisor=16, hidden_size=128, batch_size=16, epochs=3)
     spec = config.model_spec(in_channels=1, num_classes=7)
     model = build_model(spec)
     untouched = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(checkpoint.CheckpointError, match="num_classes 10 here 7"):
-        load_training_checkpoint(final_checkpoint(reference), model, optimizer, None, spec, config, 0)
+        checkpoint_state.read(final_checkpoint(reference), spec, config.to_dict(), model, optimizer, 0, 16)
     assert all(torch.equal(model.state_dict()[name], untouched[name]) for name in untouched)
 
 

@@ -99,7 +99,7 @@ def test_two_machines_on_loopback_train_one_model(tmp_path, tiny_data):
         assert process.returncode == 0, stdout + stderr
     main_stdout = outputs[0][0]
     assert "world size 4 = 2 nodes x 2 processes per node" in main_stdout
-    assert "ranks 0:node0/cpu:0, 1:node0/cpu:0, 2:node1/cpu:0, 3:node1/cpu:0" in main_stdout
+    assert "ranks 0:node0/cpu, 1:node0/cpu, 2:node1/cpu, 3:node1/cpu" in main_stdout
     assert outputs[1][0].count("epoch 1/2") == 0  # only the global main process prints
     assert all(m["test_samples"] == 77 for m in read_metrics(run_dir))
     config = json.loads((run_dir / "config.json").read_text())
@@ -183,7 +183,7 @@ def test_sbatch_script_forms_one_world_under_stub_slurm(tmp_path, tiny_data):
                           "--batch-size", "8"], timeout=240, env=env, cwd=submit_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "world size 2 = 2 nodes x 1 process per node" in result.stdout
-    assert "ranks 0:node0/cpu:0, 1:node1/cpu:0" in result.stdout
+    assert "ranks 0:node0/cpu, 1:node1/cpu" in result.stdout
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert [entry["node"] for entry in config["launch"]["ranks"]] == [0, 1]
     assert "scontrol show hostnames node[1-2]" in calls.read_text()

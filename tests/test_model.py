@@ -89,8 +89,8 @@ def test_xavier_init_as_the_chapter():
 
 
 def test_saved_names_are_the_plain_models_even_when_compiled():
-    from vgg_dist.train import make_accelerator, plain_state_dict
+    from vgg_dist.accelerated import make_accelerator, unwrapped_state_dict
     accelerator = make_accelerator()
     model = build_model(ModelSpec(width_divisor=16, image_size=32, hidden_size=16))
     compiled = torch.compile(accelerator.prepare(model), dynamic=False)  # never run: no compilation happens
-    assert list(plain_state_dict(accelerator, compiled)) == list(model.state_dict())
+    assert list(unwrapped_state_dict(accelerator, compiled)) == list(model.state_dict())

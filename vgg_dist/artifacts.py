@@ -2,73 +2,34 @@
 
 The model's spec is stored twice on purpose: in `config.json` for people and tools, and in the
 safetensors header so that a weights file on its own can be checked against a model before loading.
+Evaluation and prediction load from a run directory (its final weights), from one of its checkpoints
+(`RUN/checkpoints/step_N`), or from the best checkpoint (`RUN/checkpoints/best`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from vgg_dist import checkpoint
+from vgg_dist.atomic import write_atomically
+from vgg_dist.data import DATASETS
 from vgg_dist.errors import UsageError
 from vgg_dist.model import ModelSpec, build_model
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-METRICS_NAME = "metrics.jsonl"
 SPEC_METADATA_KEY = "vgg_dist.model_spec"
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def write_atomically(path: Path, write) -> None:
-    """Call `write(temporary_path)`, flush it to disk, then rename over `path`: readers see the old
-    file or the new one, never half of one."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from the rest of a team
-    try:
-        write(Path(temporary))
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a directory's entry to disk (a rename is durable only once its directory is)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_json(path: Path, value) -> None:
-    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(value, indent=2) + "\n"))
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+# predict resizes a new image to the dataset's own resolution first; beyond this a config is not believable.
+MAX_SOURCE_SIDE = 4096
 
 
 def weights_metadata(spec: ModelSpec) -> dict[str, str]:
     """The safetensors header entries that let a weights file be checked against a model before loading."""
-    return {"format": "pt", SPEC_METADATA_KEY: json.dumps(spec_dict(spec), sort_keys=True)}
+    return {"format": "pt", SPEC_METADATA_KEY: json.dumps(spec.to_dict(), sort_keys=True)}
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], spec: ModelSpec) -> None:
@@ -76,66 +37,106 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], spec: ModelSpe
     write_atomically(path, lambda temporary: save_file(tensors, temporary, metadata=weights_metadata(spec)))
 
 
-def spec_dict(spec: ModelSpec) -> dict:
-    return dataclasses.asdict(spec)
-
-
 def read_weights_spec(path: Path) -> ModelSpec:
     """The spec stored in a weights file's header, read without loading any tensor."""
-    try:
-        with safe_open(path, framework="pt") as weights:
-            metadata = weights.metadata() or {}
-    except FileNotFoundError:
-        raise UsageError(f"{path}: file not found") from None
-    except (SafetensorError, OSError, ValueError) as error:
-        raise UsageError(f"{path}: not a valid safetensors file ({error})") from None
+    if not path.exists():
+        raise UsageError(f"{path}: file not found")
+    metadata, _ = checkpoint.read_header(path)
     if SPEC_METADATA_KEY not in metadata:
         raise UsageError(f"{path}: has no vgg_dist model spec in its header; was it written by vgg_dist?")
-    return _parse_spec(path, json.loads(metadata[SPEC_METADATA_KEY]))
+    try:
+        values = json.loads(metadata[SPEC_METADATA_KEY])
+    except ValueError as error:
+        raise UsageError(f"{path}: model spec in the header is not JSON ({error})") from None
+    return parse_spec(path, values)
 
 
-def _parse_spec(path: Path, values: dict) -> ModelSpec:
+def parse_spec(path: Path, values) -> ModelSpec:
     try:
         spec = ModelSpec.from_dict(values)
-    except (TypeError, ValueError) as error:
-        raise UsageError(f"{path}: model spec is not one vgg_dist understands ({error})") from None
-    if spec.problems():
-        name, message = spec.problems()[0]
-        raise UsageError(f"{path}: model spec is invalid ({name} {message})")
+        spec.check()
+    except (TypeError, ValueError, UsageError) as error:
+        raise UsageError(f"{path}: model spec is not one vgg_dist can build ({error})") from None
     return spec
 
 
 def read_run_config(run_dir: Path) -> dict:
+    """A run's config.json, with every field that evaluate and predict use checked."""
     path = Path(run_dir) / CONFIG_NAME
-    if not Path(run_dir).is_dir():
-        raise UsageError(f"--checkpoint {run_dir}: not a directory; pass a run directory written by training")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise UsageError(f"--checkpoint {run_dir}: no {CONFIG_NAME}; pass a run directory written by "
-                         f"training") from None
+                         f"training, or one of its checkpoints") from None
     except (OSError, ValueError) as error:
         raise UsageError(f"{path}: not readable JSON ({error})") from None
     if not isinstance(config, dict) or "model" not in config:
         raise UsageError(f"{path}: has no 'model' section; was it written by vgg_dist?")
+    spec = parse_spec(path, config["model"])
+    if not isinstance(config.get("flags", {}), dict):
+        raise UsageError(f"{path}: 'flags' must be a mapping")
+    if config.get("dataset", "fashion_mnist") not in DATASETS:
+        raise UsageError(f"{path}: unknown dataset {config.get('dataset')!r}")
+    names = config.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != spec.num_classes
+                              or not all(isinstance(name, str) for name in names)):
+        raise UsageError(f"{path}: class_names must list {spec.num_classes} names, one per class")
+    size = config.get("source_image_size", [28, 28])
+    if (not isinstance(size, list) or len(size) != 2
+            or not all(isinstance(side, int) and not isinstance(side, bool) and 1 <= side <= MAX_SOURCE_SIDE
+                       for side in size)):
+        raise UsageError(f"{path}: source_image_size must be [height, width], each 1 to {MAX_SOURCE_SIDE}")
     return config
 
 
-def load_model(run_dir: Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a trained model from a run directory's config.json + model.safetensors alone."""
-    run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    spec = _parse_spec(run_dir / CONFIG_NAME, config["model"])
-    weights_path = run_dir / WEIGHTS_NAME
+def _checkpoint_run_config(checkpoint_dir: Path) -> dict:
+    """What a checkpoint directory's run says about it: the run's config.json where there is one,
+    otherwise what the checkpoint's own state.json records."""
+    run_dir = checkpoint_dir.parent.parent
+    if (run_dir / CONFIG_NAME).is_file():
+        return read_run_config(run_dir)
+    state = checkpoint.read_state(checkpoint_dir)
+    flags = state.get("flags") if isinstance(state.get("flags"), dict) else {}
+    dataset = flags.get("dataset", "fashion_mnist")
+    if dataset not in DATASETS:
+        raise UsageError(f"{checkpoint_dir / checkpoint.STATE}: unknown dataset {dataset!r}")
+    return {"model": state.get("model"), "flags": flags, "dataset": dataset,
+            "class_names": list(DATASETS[dataset].class_names)}
+
+
+def resolve_weights(path: Path) -> tuple[Path, dict]:
+    """(weights file, run config) for a run directory, a checkpoint directory, or RUN/checkpoints/best."""
+    path = Path(path)
+    if path.name == "best" and path.parent.name == checkpoint.CHECKPOINTS_DIR and not path.exists():
+        best = checkpoint.best_checkpoint(path.parent)
+        if best is None:
+            raise UsageError(f"--checkpoint {path}: no {checkpoint.BEST_POINTER} in {path.parent}; the run "
+                             f"has not finished an epoch with checkpoints on")
+        path = path.parent / best
+    if not path.is_dir():
+        raise UsageError(f"--checkpoint {path}: not a directory; pass a run directory written by training, "
+                         f"or one of its checkpoints")
+    if (path / checkpoint.MANIFEST).exists():
+        checkpoint.verify(path)
+        return path / WEIGHTS_NAME, _checkpoint_run_config(path)
+    return path / WEIGHTS_NAME, read_run_config(path)
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a trained model from its weights and config, checking that they belong together before
+    allocating anything (a config that describes a huge model must not exhaust memory first)."""
+    weights_path, config = resolve_weights(path)
+    spec = parse_spec(weights_path.parent, config["model"])
     stored = read_weights_spec(weights_path)
     if stored != spec:
-        raise UsageError(f"{weights_path}: its header describes {spec_dict(stored)} but {CONFIG_NAME} "
-                         f"describes {spec_dict(spec)}; the two files do not belong together")
+        raise UsageError(f"{weights_path}: its header describes {stored.to_dict()} but the run's config "
+                         f"describes {spec.to_dict()}; the two do not belong together")
+    with torch.device("meta"):
+        expected = {name: list(tensor.shape) for name, tensor in build_model(spec).state_dict().items()}
+    _, layout = checkpoint.read_header(weights_path)
+    if {name: shape for name, (_, shape) in layout.items()} != expected:
+        raise UsageError(f"{weights_path}: tensor names or shapes do not fit the model its header describes")
     model = build_model(spec)
-    try:
-        model.load_state_dict(load_file(weights_path))
-    except (SafetensorError, RuntimeError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise UsageError(f"{weights_path}: weights do not fit the model ({first_line})") from None
+    model.load_state_dict(checkpoint.load_tensors(weights_path))
     model.eval()
     return model, config

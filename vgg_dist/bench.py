@@ -28,13 +28,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vgg_dist import train
-from vgg_dist.config import FlagParser, TrainConfig
+from vgg_dist.accelerated import agree, check_layout, finish, make_accelerator, make_loader
+from vgg_dist.checkpoint_state import Progress
+from vgg_dist.cli import FlagParser, check_positive
+from vgg_dist.config import TrainConfig
 from vgg_dist.data import EpochBatchSampler, Split, load_dataset, to_model_input
-from vgg_dist.errors import UsageError, exits_cleanly_on_stop
+from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
 from vgg_dist.model import build_model
-from vgg_dist.preemption import StopRequest
 from vgg_dist.synthetic import make_images
+from vgg_dist.training import (DeviceSums, NonFiniteWatch, Training, build_model_and_optimizer, maybe_compile,
+                               train_step)
+
+
+# The loader alone is timed over this many batches per timed step: it is far faster than a step.
+LOADER_STEPS_PER_STEP = 4
 
 
 class ChapterDataset(torch.utils.data.Dataset):
@@ -85,32 +92,35 @@ def time_baseline(split: Split, config: TrainConfig, device: torch.device, steps
 
 
 def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, warmup: int) -> dict:
-    """vgg_dist's own loop (`train.train_steps`) over a prepared model, optimizer and loader."""
-    model, optimizer, channels_last = train.build_training(accelerator, config, in_channels=1, num_classes=10)
+    """vgg_dist's own `train_step` over a prepared model, optimizer and loader, agreeing across
+    processes every --sync-every steps as `fit` does."""
+    model, optimizer = build_model_and_optimizer(accelerator, config, config.model_spec(1, 10))
     loaders = []
     for count in (warmup, steps):
         sampler = EpochBatchSampler(count * config.batch_size, config.batch_size, shuffle=True, drop_last=True,
                                     seed=config.seed)
-        loaders.append(accelerator.prepare(train.make_loader(split.head(count * config.batch_size), sampler,
-                                                             accelerator.device)))
-    prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
-    prepared_model = train.maybe_compile(prepared_model, config)  # as the trainer does; warm-up pays for it
-    health = train.Health(accelerator.device, StopRequest())
+        loaders.append(accelerator.prepare(make_loader(split.head(count * config.batch_size), sampler,
+                                                       accelerator.device)))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model = maybe_compile(model, config)  # as the trainer does; the warm-up pays for compiling
+    model.train()
     results = {}
     for name, loader in zip(("warmup", "timed"), loaders):
-        totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-        progress = train.Progress()
+        t = Training(accelerator, model, optimizer, config, config.channels_last, Progress(),
+                     DeviceSums(accelerator.device), NonFiniteWatch(accelerator.device))
         reset_peak_memory(accelerator.device)
         synchronize(accelerator.device)
         started = time.perf_counter()
-        train.train_steps(accelerator, prepared_model, prepared_optimizer, loader, config, channels_last,
-                          progress, totals, health, on_sync=lambda due: health.agree(accelerator, progress.global_step))
-        accelerator.reduce(totals.clone(), reduction="sum").tolist()  # what an epoch ends with; waits for the device
+        for images, labels in loader:
+            train_step(t, images, labels)
+            if t.progress.global_step % config.sync_every == 0:
+                agree(accelerator, False, t.watch.first_bad(t.progress.global_step))
+        t.sums.reduced(accelerator)  # what an epoch ends with; waits for the device
         seconds = time.perf_counter() - started
-        results[name] = {"images_per_sec": progress.global_step * config.batch_size / seconds, "seconds": seconds,
-                         "steps": progress.global_step}
+        results[name] = {"images_per_sec": t.progress.global_step * config.batch_size / seconds, "seconds": seconds,
+                         "steps": t.progress.global_step}
     results["timed"]["peak_memory_bytes"] = peak_memory(accelerator.device)
-    results["timed"]["compiled"] = hasattr(prepared_model, "_orig_mod")  # what really ran, not the flag
+    results["timed"]["compiled"] = hasattr(model, "_orig_mod")  # what really ran, not the flag
     return results["timed"]
 
 
@@ -118,7 +128,7 @@ def time_loader(accelerator, split: Split, config: TrainConfig, steps: int) -> d
     """The input pipeline alone: what the trainer's loader and resize deliver with no model attached."""
     channels_last = config.channels_last
     sampler = EpochBatchSampler(len(split), config.batch_size, shuffle=True, drop_last=True, seed=config.seed)
-    loader = accelerator.prepare(train.make_loader(split, sampler, accelerator.device))
+    loader = accelerator.prepare(make_loader(split, sampler, accelerator.device))
     synchronize(accelerator.device)
     started, images_seen = time.perf_counter(), 0
     for step, (images, labels) in enumerate(loader):
@@ -150,11 +160,10 @@ def peak_memory(device: torch.device) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = FlagParser(prog="python -m vgg_dist.bench", description=__doc__.splitlines()[0], allow_abbrev=False,
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser = FlagParser(prog="python -m vgg_dist.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--image-size", type=int, default=224, help="input side, a multiple of 32")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch")
-    parser.add_argument("--width-divisor", type=int, default=4)
+    parser.add_argument("--width-divisor", type=int, default=4, help="conv channels divided by this")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
     parser.add_argument("--data-dir", help="time on real IDX files instead of synthetic 60k 28x28 images")
@@ -168,8 +177,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="where to write the results (default: runs/bench-<time>.json)")
     args = parser.parse_args(argv)
     for name in ("image_size", "batch_size", "width_divisor", "steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+        check_positive(name, getattr(args, name))
     if args.warmup < 1 or args.baseline_workers < 0:
         raise UsageError("--warmup must be at least 1 and --baseline-workers at least 0")
     return args
@@ -198,16 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = TrainConfig(image_size=args.image_size, batch_size=args.batch_size, width_divisor=args.width_divisor,
                          compile=args.compile, channels_last=args.channels_last)
-    problems = config.model_spec(1, 10).problems()
-    if problems:
-        raise UsageError(f"--{problems[0][0].replace('_', '-')} {problems[0][1]}")
-    accelerator = train.make_accelerator()
-    train.check_layout(accelerator, config.batch_size)
-    needed = (max(args.warmup, args.steps) + 1) * config.batch_size
+    config.model_spec(1, 10).check()
+    accelerator = make_accelerator()
+    check_layout(accelerator, config.batch_size)
+    needed = (args.warmup + args.steps) * config.batch_size  # the baseline's batches, each image once
     if args.data_dir:
         split = load_dataset("fashion_mnist", args.data_dir).train
-    else:  # Fashion-MNIST's shape: 60,000 uint8 images of 28x28
-        images, labels = make_images(60_000, seed=0)
+    else:  # Fashion-MNIST's shape, 28x28 uint8; as many images as the measurements take, up to its 60,000
+        images, labels = make_images(min(60_000, max(needed, LOADER_STEPS_PER_STEP * args.steps * config.batch_size)))
         split = Split(images.unsqueeze(1), labels.long())
     if len(split) < needed:
         raise UsageError(f"--steps {args.steps} x --batch-size {args.batch_size} needs {needed} images; "
@@ -222,13 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         "processes": accelerator.num_processes, "image_size": args.image_size, "batch_size": args.batch_size,
         "width_divisor": args.width_divisor, "steps": args.steps, "warmup": args.warmup,
         "compile": args.compile, "channels_last": config.channels_last,
-        "data": args.data_dir or "synthetic 60000x28x28 uint8", "command": " ".join(sys.argv),
+        "data": args.data_dir or f"synthetic {len(split)}x28x28 uint8", "command": " ".join(sys.argv),
     }
     if not args.skip_baseline and accelerator.num_processes == 1:
         result["baseline"] = time_baseline(split, config, accelerator.device, args.steps, args.warmup,
                                            args.baseline_workers)
     result["vgg_dist"] = time_vgg_dist(accelerator, split, config, args.steps, args.warmup)
-    result["loader"] = time_loader(accelerator, split, config, args.steps * 4)
+    result["loader"] = time_loader(accelerator, split, config, args.steps * LOADER_STEPS_PER_STEP)
     result["speedup"] = (result["vgg_dist"]["images_per_sec"] / result["baseline"]["images_per_sec"]
                          if "baseline" in result else None)
     result["loader_headroom"] = result["loader"]["images_per_sec"] / result["vgg_dist"]["images_per_sec"]
@@ -238,10 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
-    accelerator.wait_for_everyone()  # no process tears down gloo while another still uses it
-    accelerator.end_training()
+    finish(accelerator)
     return 0
 
 
 if __name__ == "__main__":
-    train.exit_process(main())
+    exit_process(main())

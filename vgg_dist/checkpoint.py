@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from vgg_dist.artifacts import fsync_path, write_json
+from vgg_dist.atomic import fsync_path, write_json
 from vgg_dist.errors import UsageError
 
 MANIFEST = "manifest.json"
@@ -39,6 +40,8 @@ BEST_POINTER = "best.json"
 _NAME = re.compile(r"^step_(\d{7,})$")
 _TEMPORARY_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_MANIFEST_BYTES = 1 << 20
 
 
 class CheckpointError(UsageError):
@@ -48,8 +51,6 @@ class CheckpointError(UsageError):
 def checkpoint_name(global_step: int) -> str:
     return f"step_{global_step:07d}"
 
-
-# ---- Nested state <-> (JSON, tensors) ---------------------------------------------------------------
 
 def split_tensors(value, prefix: str = "") -> tuple[object, dict[str, torch.Tensor]]:
     """Replace every tensor in a nested dict/list structure by {"tensor": key}; return both halves.
@@ -80,28 +81,37 @@ def split_tensors(value, prefix: str = "") -> tuple[object, dict[str, torch.Tens
 
 
 def join_tensors(structure, tensors: dict[str, torch.Tensor]):
-    """Inverse of `split_tensors`."""
+    """Inverse of `split_tensors`; ValueError for anything `split_tensors` cannot have written."""
+    if not isinstance(structure, dict) or len(structure) != 1:
+        raise ValueError(f"expected one {{kind: payload}} node, got {str(structure)[:60]}")
     (kind, payload), = structure.items()
     if kind == "tensor":
+        if not isinstance(payload, str) or payload not in tensors:
+            raise ValueError(f"refers to a missing tensor {str(payload)[:60]}")
         return tensors[payload]
-    if kind == "dict":
+    if kind == "dict" and isinstance(payload, list) and all(
+            isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], (str, int)) for pair in payload):
         return {key: join_tensors(item, tensors) for key, item in payload}
-    if kind == "list":
-        return [join_tensors(item, tensors) for item in payload]
-    if kind == "tuple":
-        return tuple(join_tensors(item, tensors) for item in payload)
-    if kind == "value":
+    if kind in ("list", "tuple") and isinstance(payload, list):
+        items = [join_tensors(item, tensors) for item in payload]
+        return items if kind == "list" else tuple(items)
+    if kind == "value" and (payload is None or isinstance(payload, (bool, int, float, str))):
         return payload
-    raise ValueError(f"unknown node kind {kind!r}")
+    raise ValueError(f"malformed {kind!r} node")
 
 
-# ---- Writing ----------------------------------------------------------------------------------------
-
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, limit: int | None = None) -> str:
+    """SHA-256 of the file's first `limit` bytes (all of it when None)."""
     digest = hashlib.sha256()
+    remaining = limit
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+        while remaining is None or remaining > 0:
+            block = handle.read(1 << 20 if remaining is None else min(1 << 20, remaining))
+            if not block:
+                break
             digest.update(block)
+            if remaining is not None:
+                remaining -= len(block)
     return digest.hexdigest()
 
 
@@ -176,8 +186,6 @@ def clean_leftovers(checkpoints_dir: Path) -> list[Path]:
     return leftovers
 
 
-# ---- Reading ----------------------------------------------------------------------------------------
-
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     """Checkpoint directories by global step, oldest first (complete or not)."""
     if not checkpoints_dir.is_dir():
@@ -189,35 +197,69 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 def verify(path: Path) -> dict:
     """Check a checkpoint against its manifest (file list, sizes, hashes) and that every tensor file is
-    valid safetensors; return the manifest. Raises CheckpointError naming the path and the problem."""
+    valid safetensors; return the manifest. Raises CheckpointError naming the path and the problem.
+
+    Only regular files are read, and no more of each than the manifest's size: a file swapped for a
+    link to /dev/zero or a FIFO is refused instead of read forever.
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST})") from None
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{path / MANIFEST}: unreadable manifest ({error})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {manifest.get('format_version')!r} is not "
-                              f"{FORMAT_VERSION}; it was written by another vgg_dist version")
+    manifest = _read_manifest(path)
+    files = manifest["files"]
     present = {entry.name for entry in path.iterdir()} - {MANIFEST}
     if present != set(files):
         missing, extra = sorted(set(files) - present), sorted(present - set(files))
         raise CheckpointError(f"{path}: files differ from the manifest (missing {missing or 'none'}, "
                               f"unexpected {extra or 'none'})")
     for name, expected in files.items():
-        size = (path / name).stat().st_size
+        size = _regular_file_size(path / name)
         if size != expected["bytes"]:
             raise CheckpointError(f"{path / name}: {size} bytes, the manifest says {expected['bytes']} "
                                   f"(truncated or appended to)")
-        if _sha256(path / name) != expected["sha256"]:
+        if _sha256(path / name, limit=size) != expected["sha256"]:
             raise CheckpointError(f"{path / name}: contents do not match the manifest's SHA-256")
     for name in files:
         if name.endswith(".safetensors"):
             read_header(path / name)
+    return manifest
+
+
+def _regular_file_size(path: Path) -> int:
+    """The size of a plain file; a link, device, FIFO or directory is refused."""
+    mode = path.lstat().st_mode
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file (a link, device or pipe has no place in a checkpoint)")
+    return path.lstat().st_size
+
+
+def _read_manifest(path: Path) -> dict:
+    manifest_path = path / MANIFEST
+    try:
+        size = _regular_file_size(manifest_path)
+        if size > _MAX_MANIFEST_BYTES:
+            raise CheckpointError(f"{manifest_path}: {size} bytes is too large for a manifest")
+        manifest = json.loads(manifest_path.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST})") from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({error})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{manifest_path}: unreadable manifest (not a JSON object)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {manifest.get('format_version')!r} is not "
+                              f"{FORMAT_VERSION}; it was written by another vgg_dist version")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{manifest_path}: 'files' must map file names to their size and SHA-256")
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or Path(name).name != name or name in (".", "..", MANIFEST):
+            raise CheckpointError(f"{manifest_path}: bad entry {name!r}")
+        size, digest = entry.get("bytes"), entry.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise CheckpointError(f"{manifest_path}: entry {name!r} needs a byte count")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise CheckpointError(f"{manifest_path}: entry {name!r} needs a SHA-256 hex digest")
     return manifest
 
 
@@ -243,10 +285,14 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_state(path: Path) -> dict:
+    """state.json of a checkpoint that `verify` accepted."""
     try:
-        return json.loads((Path(path) / STATE).read_text())
+        state = json.loads((Path(path) / STATE).read_bytes())
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path / STATE}: unreadable ({error})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / STATE}: not a JSON object")
+    return state
 
 
 def find_latest(checkpoints_dir: Path, say: Callable[[str], None]) -> Path | None:

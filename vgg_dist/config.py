@@ -10,9 +10,11 @@ import types
 import typing
 from pathlib import Path
 
+from vgg_dist.cli import FlagParser, check_positive, flag
 from vgg_dist.data import DATASETS
 from vgg_dist.errors import UsageError
-from vgg_dist.model import ModelSpec
+from vgg_dist.model import ARCHITECTURES, ModelSpec
+from vgg_dist.run_files import TRAIN_CONFIG_NAME
 
 
 def _field(default, help: str, **metadata):
@@ -30,7 +32,8 @@ class TrainConfig:
     max_train_samples: int | None = _field(None, "use only the first N training images (quick runs)")
     max_eval_samples: int | None = _field(None, "use only the first N test images (quick runs)")
     # Model
-    arch: str = _field(ModelSpec.arch, "VGG depth")
+    # Listed in --help but checked by the model, whose message says what to choose.
+    arch: str = _field(ModelSpec.arch, "VGG depth", metavar="{" + ",".join(ARCHITECTURES) + "}")
     width_divisor: int = _field(ModelSpec.width_divisor, "divide every conv's channel count by this "
                                                          "(the chapter's ratio)")
     batch_norm: bool = _field(ModelSpec.batch_norm, "BatchNorm after every conv")
@@ -79,10 +82,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _base_type(annotation: str):
     """int from 'int | None', and so on: the type argparse should convert a flag's text to."""
     resolved = typing.get_type_hints(TrainConfig)[annotation]
@@ -91,32 +90,23 @@ def _base_type(annotation: str):
     return resolved
 
 
-class FlagParser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises UsageError, so it is reported once per job like every other."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see --help)")
-
-
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     # No abbreviations: `--epoch 3` in a saved command must not silently mean `--epochs 3`.
-    parser = FlagParser(prog=prog, description=description, allow_abbrev=False,
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = FlagParser(prog=prog, description=description)
     for field in dataclasses.fields(TrainConfig):
         kind = _base_type(field.name)
         options = {"default": field.default, "help": field.metadata["help"]}
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
+        elif "choices" in field.metadata:
+            options["choices"] = field.metadata["choices"]
         else:
             options["type"] = kind
-            options["metavar"] = field.name.upper()
-        if "choices" in field.metadata:
-            options["choices"] = field.metadata["choices"]
+            options["metavar"] = field.metadata.get("metavar", field.name.upper())
         parser.add_argument(flag(field.name), **options)
     return parser
 
 
-CONFIG_FILE_NAME = "train_config.yaml"
 # Where a run is written and how it starts are not part of the recipe a config file reproduces.
 NOT_IN_CONFIG_FILES = ("output_dir", "resume")
 
@@ -128,7 +118,7 @@ def parse_config(argv: list[str] | None, prog: str, description: str) -> TrainCo
     """
     parser = build_parser(prog, description)
     parser.add_argument("--config", metavar="FILE", help="YAML file of flag values (flags given here win); "
-                                                         f"every run writes one as {CONFIG_FILE_NAME}")
+                                                         f"every run writes one as {TRAIN_CONFIG_NAME}")
     known, _ = parser.parse_known_args(argv)
     if known.config is not None:
         parser.set_defaults(**read_config_file(Path(known.config)))
@@ -157,8 +147,7 @@ def read_config_file(path: Path) -> dict:
     for key, value in values.items():
         name = str(key).removeprefix("--").replace("-", "_")
         if name in NOT_IN_CONFIG_FILES:
-            raise UsageError(f"--config {path}: {key} is not part of a recipe; pass --{name.replace('_', '-')} "
-                             f"on the command line")
+            raise UsageError(f"--config {path}: {key} is not part of a recipe; pass {flag(name)} on the command line")
         if name not in fields:
             raise UsageError(f"--config {path}: unknown setting {key!r}; use flag names such as batch_size")
         kind = _base_type(name)
@@ -179,9 +168,7 @@ def validate(config: TrainConfig) -> None:
     positive = ["epochs", "batch_size", "image_size", "width_divisor", "hidden_size",
                 "max_train_samples", "max_eval_samples", "sync_every", "dist_timeout"]
     for name in positive:
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise UsageError(f"{flag(name)} must be a positive integer, got {value}")
+        check_positive(name, getattr(config, name))
     for name in ("checkpoint_every", "keep_last"):
         if getattr(config, name) < 0:
             raise UsageError(f"{flag(name)} must be 0 or more, got {getattr(config, name)}")
@@ -190,10 +177,7 @@ def validate(config: TrainConfig) -> None:
     if not 0.0 <= config.momentum < 1.0:
         raise UsageError(f"--momentum must be in [0, 1), got {config.momentum}")
     # Shape problems (architecture, image size, divisor, dropout) are the model's to state.
-    problems = config.model_spec(in_channels=1, num_classes=10).problems()
-    if problems:
-        name, message = problems[0]
-        raise UsageError(f"{flag(name)} {message}")
+    config.model_spec(in_channels=1, num_classes=10).check()
     if config.data_dir is not None and not Path(config.data_dir).is_dir():
         raise UsageError(f"--data-dir {config.data_dir}: not a directory; point it at the folder holding "
                          f"the four IDX files")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -67,7 +68,9 @@ class Split:
 
 
 @dataclasses.dataclass
-class FashionData:
+class ImageData:
+    """A dataset's two splits and what they mean (Fashion-MNIST or MNIST)."""
+
     train: Split
     test: Split
     class_names: tuple[str, ...]
@@ -77,8 +80,6 @@ class FashionData:
     def in_channels(self) -> int:
         return self.train.images.shape[1]
 
-
-# ---- IDX files --------------------------------------------------------------------------------------
 
 def read_idx(path: Path, expected_dims: int) -> torch.Tensor:
     """Read one gzip-compressed (or plain) IDX file of unsigned bytes, checking every header field.
@@ -101,10 +102,12 @@ def read_idx(path: Path, expected_dims: int) -> torch.Tensor:
     if len(raw) < header_size:
         raise UsageError(f"{path}: header is truncated; download it again")
     shape = struct.unpack(f">{dims}I", raw[4:header_size])
-    expected_bytes = header_size + _product(shape)
+    expected_bytes = header_size + math.prod(shape)
     if len(raw) != expected_bytes:
         raise UsageError(f"{path}: header promises shape {list(shape)} ({expected_bytes} bytes) but the file "
                          f"holds {len(raw)} bytes; download it again")
+    if expected_bytes == header_size:  # a count of zero; frombuffer refuses an empty buffer
+        return torch.zeros(shape, dtype=torch.uint8)
     data = torch.frombuffer(bytearray(raw[header_size:]), dtype=torch.uint8)
     return data.reshape(shape)
 
@@ -115,13 +118,6 @@ def write_idx(path: Path, array: torch.Tensor) -> None:
     header = struct.pack(">HBB", 0, _IDX_UBYTE, array.dim()) + struct.pack(f">{array.dim()}I", *array.shape)
     with gzip.open(path, "wb") as handle:
         handle.write(header + array.numpy().tobytes())
-
-
-def _product(values) -> int:
-    result = 1
-    for value in values:
-        result *= value
-    return result
 
 
 def _find_file(data_dir: Path, name: str) -> Path:
@@ -149,7 +145,7 @@ def read_split(data_dir: Path, split: str, num_classes: int) -> Split:
     return Split(images.unsqueeze(1), labels.long())
 
 
-def load_from_dir(data_dir: Path, dataset: str) -> FashionData:
+def load_from_dir(data_dir: Path, dataset: str) -> ImageData:
     if not data_dir.is_dir():
         raise UsageError(f"--data-dir {data_dir}: not a directory")
     class_names = DATASETS[dataset].class_names
@@ -158,12 +154,10 @@ def load_from_dir(data_dir: Path, dataset: str) -> FashionData:
     if train.images.shape[1:] != test.images.shape[1:]:
         raise UsageError(f"--data-dir {data_dir}: train images are {list(train.images.shape[2:])} but test "
                          f"images are {list(test.images.shape[2:])}")
-    return FashionData(train, test, class_names, source=str(data_dir))
+    return ImageData(train, test, class_names, source=str(data_dir))
 
 
-# ---- Hugging Face Hub -------------------------------------------------------------------------------
-
-def load_from_hub(dataset: str) -> FashionData:
+def load_from_hub(dataset: str) -> ImageData:
     """Download (or reuse the cached) dataset through `datasets`; import it only here so the rest of
     vgg_dist works on machines without it."""
     info = DATASETS[dataset]
@@ -184,7 +178,7 @@ def load_from_hub(dataset: str) -> FashionData:
                              f"{list(images.shape)}")
         labels = torch.from_numpy(column["label"]).long()
         splits[name] = Split(images.unsqueeze(1), labels)
-    return FashionData(splits["train"], splits["test"], info.class_names, source=f"hf://{info.hub_id}")
+    return ImageData(splits["train"], splits["test"], info.class_names, source=f"hf://{info.hub_id}")
 
 
 def no_data_message(dataset: str, reason: str) -> str:
@@ -194,15 +188,13 @@ def no_data_message(dataset: str, reason: str) -> str:
             f"into a directory and pass --data-dir DIR")
 
 
-def load_dataset(dataset: str, data_dir: str | os.PathLike | None) -> FashionData:
+def load_dataset(dataset: str, data_dir: str | os.PathLike | None) -> ImageData:
     if dataset not in DATASETS:
         raise UsageError(f"--dataset {dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
     if data_dir is not None:
         return load_from_dir(Path(data_dir), dataset)
     return load_from_hub(dataset)
 
-
-# ---- Batching ----------------------------------------------------------------------------------------
 
 class BatchIndexedTensors(torch.utils.data.Dataset):
     """A dataset that answers a whole batch of indices with one tensor index, not a Python loop.
@@ -229,6 +221,10 @@ def keep_batch(batch):
     return batch
 
 
+# Spreads (seed, epoch) pairs apart: a prime above any epoch count, so no two pairs share a generator seed.
+SEED_STRIDE = 1_000_003
+
+
 class EpochBatchSampler:
     """Global batches of indices: a fresh permutation per epoch drawn from (seed, epoch) alone.
 
@@ -253,7 +249,7 @@ class EpochBatchSampler:
     def order(self) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.num_samples)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed * SEED_STRIDE + self.epoch)
         return torch.randperm(self.num_samples, generator=generator)
 
     def __iter__(self):
@@ -270,8 +266,6 @@ class EpochBatchSampler:
     def __len__(self) -> int:
         return self.full_length() - self.skip_batches
 
-
-# ---- On-device preprocessing -------------------------------------------------------------------------
 
 def to_model_input(images: torch.Tensor, image_size: int, channels_last: bool = False) -> torch.Tensor:
     """uint8 [B, C, h, w] on any device -> float [B, C, S, S] in [0, 1], resized bilinearly.

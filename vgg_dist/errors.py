@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -51,3 +52,15 @@ def exits_cleanly_on_stop(main: Callable[..., int]) -> Callable[..., int]:
             return stop.exit_code
 
     return wrapper
+
+
+def exit_process(code: int) -> None:
+    """Exit with `code`. After a coordinated stop in a multi-process job every rank gets here at once;
+    torchrun SIGTERMs the ranks still alive when it sees the first one leave, so skip the interpreter's
+    teardown (which restores default signal handlers) and leave with our code straight away."""
+    if code != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -1,10 +1,11 @@
-"""Test accuracy of a finished run, rebuilt from its config.json + model.safetensors alone.
+"""Test accuracy of a trained model: a run's final weights, or any of its checkpoints.
 
     python -m vgg_dist.evaluate --checkpoint runs/20261126-120000
+    python -m vgg_dist.evaluate --checkpoint runs/20261126-120000/checkpoints/best
     accelerate launch --multi_gpu --num_processes 2 -m vgg_dist.evaluate --checkpoint RUN_DIR
 
-Prints one JSON object with test_acc and test_samples. By default it reads the same data the run
-trained on (its --dataset, --data-dir and --max-eval-samples); flags here override them.
+Prints one JSON object with test_acc, test_loss and test_samples. By default it reads the same data
+the run trained on (its --dataset, --data-dir and --max-eval-samples); flags here override them.
 """
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ import json
 import torch
 
 from vgg_dist import artifacts
-from vgg_dist.config import FlagParser
+from vgg_dist.accelerated import check_layout, evaluate, finish, make_accelerator, make_loader
+from vgg_dist.cli import FlagParser, check_positive
 from vgg_dist.data import EpochBatchSampler, load_dataset
-from vgg_dist.errors import UsageError, exits_cleanly_on_stop
+from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
+from vgg_dist.metrics import accuracy, sample_count
 from vgg_dist.model import ModelSpec
-from vgg_dist.train import accuracy, check_layout, evaluate, exit_process, make_accelerator, make_loader
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = FlagParser(prog="python -m vgg_dist.evaluate", description=__doc__.splitlines()[0],
-                        allow_abbrev=False)
-    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                        help="run directory holding config.json and model.safetensors")
+    parser = FlagParser(prog="python -m vgg_dist.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a run directory (its final model.safetensors), one of its checkpoints "
+                             "(RUN/checkpoints/step_N), or RUN/checkpoints/best")
     parser.add_argument("--data-dir", help="directory of IDX files (default: the run's own data source)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="global evaluation batch (default: the run's --batch-size)")
@@ -34,9 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="first N test images (default: the run's own setting)")
     args = parser.parse_args(argv)
     for name in ("batch_size", "max_eval_samples"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        check_positive(name, getattr(args, name))
     return args
 
 
@@ -63,12 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     loader = make_loader(test, EpochBatchSampler(len(test), batch_size, shuffle=False, drop_last=False),
                          accelerator.device)
     model, loader = accelerator.prepare(model, loader)
-    confusion = evaluate(accelerator, model, loader, spec.image_size, spec.num_classes, channels_last)
-    test_acc, test_samples = accuracy(confusion)
+    confusion, test_loss = evaluate(accelerator, model, loader, spec.image_size, spec.num_classes, channels_last)
     if accelerator.is_main_process:
-        print(json.dumps({"test_acc": test_acc, "test_samples": test_samples, "checkpoint": str(args.checkpoint)}))
-    accelerator.wait_for_everyone()  # no process tears down gloo while another still uses it
-    accelerator.end_training()
+        print(json.dumps({"test_acc": accuracy(confusion), "test_loss": test_loss,
+                          "test_samples": sample_count(confusion), "checkpoint": str(args.checkpoint)}))
+    finish(accelerator)
     return 0
 
 

@@ -7,12 +7,14 @@ Print the chapter's per-block shape table for any configuration:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
 import torch
 from torch import nn
+
+from vgg_dist.cli import FlagParser, flag
+from vgg_dist.errors import UsageError, exits_cleanly_on_stop
 
 # (number of 3x3 convs, output channels) per block; each block ends in a 2x2 max-pool.
 # vgg11 is the chapter's conv_arch; the others are Simonyan & Zisserman's configurations B, D and E.
@@ -60,16 +62,31 @@ class ModelSpec:
             found.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
         return found
 
+    def check(self) -> None:
+        """Raise UsageError naming the flag behind the first reason this spec cannot build a model."""
+        for name, message in self.problems():
+            raise UsageError(f"{flag(name)} {message}")
+
     @property
     def conv_arch(self) -> tuple[tuple[int, int], ...]:
         return tuple((convs, channels // self.width_divisor) for convs, channels in ARCHITECTURES[self.arch])
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
     @classmethod
-    def from_dict(cls, values: dict) -> ModelSpec:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = set(values) - known
+    def from_dict(cls, values) -> ModelSpec:
+        """A spec from JSON; ValueError for unknown fields or values of the wrong type."""
+        if not isinstance(values, dict):
+            raise ValueError("a model spec must be a mapping of field names to values")
+        fields = {field.name: type(field.default) for field in dataclasses.fields(cls)}
+        unknown = set(values) - set(fields)
         if unknown:
             raise ValueError(f"unknown model fields: {', '.join(sorted(unknown))}")
+        for name, value in values.items():
+            allowed = (int, float) if fields[name] is float else (fields[name],)
+            if not isinstance(value, allowed) or (fields[name] is not bool and isinstance(value, bool)):
+                raise ValueError(f"{name} must be {fields[name].__name__}, got {value!r}")
         return cls(**values)
 
 
@@ -137,25 +154,24 @@ def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
+@exits_cleanly_on_stop
 def main(argv: list[str] | None = None) -> int:
     defaults = ModelSpec()
-    parser = argparse.ArgumentParser(prog="python -m vgg_dist.model", description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default=defaults.arch, choices=sorted(ARCHITECTURES))
-    parser.add_argument("--width-divisor", type=int, default=defaults.width_divisor)
-    parser.add_argument("--image-size", type=int, default=defaults.image_size)
-    parser.add_argument("--batch-norm", action="store_true")
-    parser.add_argument("--in-channels", type=int, default=defaults.in_channels)
-    parser.add_argument("--num-classes", type=int, default=defaults.num_classes)
-    parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
+    parser = FlagParser(prog="python -m vgg_dist.model", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default=defaults.arch, choices=sorted(ARCHITECTURES), help="VGG depth")
+    parser.add_argument("--width-divisor", type=int, default=defaults.width_divisor,
+                        help="divide every conv's channel count by this (the chapter's ratio)")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="input side, a multiple of 32")
+    parser.add_argument("--batch-norm", action="store_true", help="BatchNorm after every conv")
+    parser.add_argument("--in-channels", type=int, default=defaults.in_channels, help="image channels")
+    parser.add_argument("--num-classes", type=int, default=defaults.num_classes, help="classifier outputs")
+    parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size,
+                        help="width of the two hidden fully connected layers")
     args = parser.parse_args(argv)
     spec = ModelSpec(arch=args.arch, width_divisor=args.width_divisor, batch_norm=args.batch_norm,
                      in_channels=args.in_channels, num_classes=args.num_classes, image_size=args.image_size,
                      hidden_size=args.hidden_size)
-    problems = spec.problems()
-    if problems:
-        name, message = problems[0]
-        print(f"error: --{name.replace('_', '-')} {message}", file=sys.stderr)
-        return 2
+    spec.check()
     model = build_model(spec)
     for name, shape in shape_table(model, spec):
         print(f"{name} output shape:\t {shape}")

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import matplotlib
 
+from vgg_dist.atomic import write_atomically
+from vgg_dist.metrics import accuracy, sample_count
+
 matplotlib.use("Agg")  # files only: works on machines with no display, inside any launcher
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -57,17 +60,14 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path_stem
             axis.text(column, row, str(confusion[row][column]), ha="center", va="center", fontsize=7,
                       color="white" if shares[row][column] > 0.5 else "black")
     figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="share of the true class")
-    accuracy = sum(confusion[i][i] for i in range(size)) / max(sum(map(sum, confusion)), 1)
-    axis.set_title(f"test accuracy {accuracy:.3f} on {sum(map(sum, confusion))} images", fontsize=10)
+    axis.set_title(f"test accuracy {accuracy(confusion):.3f} on {sample_count(confusion)} images", fontsize=10)
     return _save(figure, path_stem)
 
 
 def _save(figure, path_stem: Path) -> list[Path]:
     figure.tight_layout()
     paths = [path_stem.with_suffix(".png"), path_stem.with_suffix(".svg")]
-    for path in paths:
-        temporary = path.with_name(f".{path.name}.tmp")
-        figure.savefig(temporary, format=path.suffix[1:])
-        temporary.replace(path)  # a viewer refreshing the file never sees half a picture
+    for path in paths:  # a viewer refreshing the file never sees half a picture
+        write_atomically(path, lambda temporary: figure.savefig(temporary, format=path.suffix[1:]))
     plt.close(figure)
     return paths

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vgg_dist import artifacts
-from vgg_dist.config import FlagParser
+from vgg_dist.cli import FlagParser, check_positive
 from vgg_dist.data import to_model_input
 from vgg_dist.errors import UsageError, exits_cleanly_on_stop
 
@@ -50,16 +50,16 @@ def predict(model: torch.nn.Module, images: torch.Tensor, image_size: int) -> to
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = FlagParser(prog="python -m vgg_dist.predict", description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                        help="run directory holding config.json and model.safetensors")
+    parser = FlagParser(prog="python -m vgg_dist.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a run directory (its final model.safetensors), one of its checkpoints "
+                             "(RUN/checkpoints/step_N), or RUN/checkpoints/best")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     parser.add_argument("--top-k", type=int, default=3, help="how many classes to show per image")
     parser.add_argument("--invert", action="store_true", help="invert grey levels (dark object on light background)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     args = parser.parse_args(argv)
-    if args.top_k < 1:
-        raise UsageError(f"--top-k must be a positive integer, got {args.top_k}")
+    check_positive("top_k", args.top_k)
     return args
 
 

@@ -1,6 +1,7 @@
-"""What a run writes into its directory as it goes; called on the main process only.
+"""What a run writes into its directory as it goes; used on the global main process only.
 
-    config.json          the run's description (artifacts.py), rewritten with final metrics at the end
+    config.json          the run's description, rewritten with final metrics at the end (read back by
+                         `artifacts.load_model`)
     train_config.yaml    the resolved flags, ready for `--config` to reproduce the recipe
     metrics.jsonl        one record per epoch
     train_curve.jsonl    fractional-epoch train loss/accuracy points for the curves
@@ -16,9 +17,12 @@ from pathlib import Path
 
 import yaml
 
-from vgg_dist import artifacts
-from vgg_dist.report import per_class_report
+from vgg_dist.artifacts import CONFIG_NAME
+from vgg_dist.atomic import append_jsonl, write_json, write_text
+from vgg_dist.metrics import per_class_report
 
+TRAIN_CONFIG_NAME = "train_config.yaml"
+METRICS_NAME = "metrics.jsonl"
 CURVE_NAME = "train_curve.jsonl"
 REPORT_NAME = "report.json"
 
@@ -38,14 +42,17 @@ class RunFiles:
             return None
         return plots
 
-    def write_config_file(self, values: dict, name: str) -> None:
-        text = "# Reproduce this run's recipe: accelerate launch vgg_dist/train.py --config THIS_FILE --output-dir NEW\n"
-        text += yaml.safe_dump(values, sort_keys=False)
-        artifacts.write_atomically(self.run_dir / name, lambda temporary: temporary.write_text(text))
+    def write_run_info(self, info: dict) -> None:
+        write_json(self.run_dir / CONFIG_NAME, info)
+
+    def write_train_config(self, values: dict) -> None:
+        text = ("# Reproduce this run's recipe: accelerate launch vgg_dist/train.py --config THIS_FILE "
+                "--output-dir NEW\n")
+        write_text(self.run_dir / TRAIN_CONFIG_NAME, text + yaml.safe_dump(values, sort_keys=False))
 
     def forget_after(self, epochs_done: int, global_step: int) -> None:
         """On resume: drop records the resumed run will produce again (they were written after its checkpoint)."""
-        self._keep(artifacts.METRICS_NAME, lambda record: record["epoch"] <= epochs_done)
+        self._keep(METRICS_NAME, lambda record: record["epoch"] <= epochs_done)
         self._keep(CURVE_NAME, lambda record: record["global_step"] <= global_step)
 
     def _keep(self, name: str, wanted) -> None:
@@ -55,23 +62,23 @@ class RunFiles:
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         kept = [line for line in lines if wanted(json.loads(line))]
         if kept != lines:
-            artifacts.write_atomically(path, lambda temporary: temporary.write_text("".join(f"{x}\n" for x in kept)))
+            write_text(path, "".join(f"{line}\n" for line in kept))
 
     def add_curve_point(self, point: dict) -> None:
-        artifacts.append_jsonl(self.run_dir / CURVE_NAME, point)
+        append_jsonl(self.run_dir / CURVE_NAME, point)
 
     def add_epoch(self, record: dict) -> None:
-        artifacts.append_jsonl(self.run_dir / artifacts.METRICS_NAME, record)
+        append_jsonl(self.run_dir / METRICS_NAME, record)
         if self._plots:
-            self._plots.plot_curves(self._read(artifacts.METRICS_NAME), self._read(CURVE_NAME), self.run_dir / "curves")
+            self._plots.plot_curves(self._read(METRICS_NAME), self._read(CURVE_NAME), self.run_dir / "curves")
 
     def last_epoch(self) -> dict:
-        records = self._read(artifacts.METRICS_NAME)
+        records = self._read(METRICS_NAME)
         return records[-1] if records else {}
 
     def write_report(self, confusion: list[list[int]], class_names: list[str]) -> dict:
         report = per_class_report(confusion, class_names)
-        artifacts.write_json(self.run_dir / REPORT_NAME, report)
+        write_json(self.run_dir / REPORT_NAME, report)
         if self._plots:
             self._plots.plot_confusion(confusion, class_names, self.run_dir / "confusion")
         return report

@@ -1,0 +1,150 @@
+"""What every vgg_dist command asks of Accelerate: the Accelerator, the process layout, printing once
+per job, data loaders, the exact distributed evaluation, and the collectives the trainer agrees with.
+
+Training, evaluation and the benchmark share these, so each runs the same way on one CPU process,
+one GPU, or many processes on many nodes. Nothing here knows about checkpoints or run directories.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs,
+                               ProjectConfiguration, gather_object)
+
+from vgg_dist.data import BatchIndexedTensors, Split, keep_batch, to_model_input
+from vgg_dist.errors import UsageError
+
+TRACKERS = {"none": None, "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
+NO_STEP = 2 ** 62  # "no step yet" in step-number collectives, where the minimum over processes is taken
+
+
+def make_accelerator(dist_timeout: int = 600, report_to: str = "none", ddp_bf16_grads: bool = False) -> Accelerator:
+    """An Accelerator whose dataloaders take GLOBAL batches and split them across processes.
+
+    Without a GPU it is built with cpu=True: that is what turns `accelerate launch --multi_gpu
+    --num_processes N` into one N-process gloo job instead of N independent runs. `dist_timeout`
+    bounds every collective, so a dead rank fails the job instead of hanging it for gloo's 30 minutes.
+    DDP keeps gradients as views into its all-reduce buckets (no extra copy of the 42M-parameter
+    classifier's gradients) and treats the graph as static (the same parameters every step).
+    """
+    ddp = DistributedDataParallelKwargs(
+        gradient_as_bucket_view=True, static_graph=True,
+        comm_hook=DDPCommunicationHookType.BF16 if ddp_bf16_grads else DDPCommunicationHookType.NO)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        # non_blocking: batches come from pinned memory, so the copy to the GPU need not wait for the
+        # previous step's kernels, which a blocking copy on the same stream would.
+        dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=True, non_blocking=True),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=dist_timeout)), ddp],
+        log_with=TRACKERS[report_to],
+        # The real logging directory (inside the run directory) is set once the run directory is chosen.
+        project_config=ProjectConfiguration(logging_dir="runs"),
+    )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate would silently train in fp32 here; say so instead.
+        raise UsageError("--mixed_precision fp16 needs a GPU and none is visible; use bf16 or no on CPU")
+    return accelerator
+
+
+def say(accelerator: Accelerator, line: str) -> None:
+    """Print once per job: on the global main process (Accelerate's own print runs once per node)."""
+    if accelerator.is_main_process:
+        print(line, flush=True)
+
+
+def check_layout(accelerator: Accelerator, batch_size: int) -> None:
+    processes = accelerator.num_processes
+    if batch_size % processes:
+        raise UsageError(f"--batch-size {batch_size} does not split evenly over {processes} processes; "
+                         f"use a multiple of {processes}")
+
+
+def gather_layout(accelerator: Accelerator) -> list[dict]:
+    """Where every rank runs: host, node rank, local rank, device; collected on all processes.
+
+    A CPU has no device index to tell ranks apart (every process is "cpu:0"), so CPU ranks are listed
+    as plain "cpu": a repeated "cuda:0" then always means a misconfigured GPU job.
+    """
+    device = accelerator.device
+    here = {"rank": accelerator.process_index, "host": socket.gethostname(),
+            "node": int(os.environ.get("GROUP_RANK", 0)), "local_rank": accelerator.local_process_index,
+            "device": "cpu" if device.type == "cpu" else str(device)}
+    return gather_object([here]) if accelerator.num_processes > 1 else [here]
+
+
+def node_count(layout: list[dict]) -> int:
+    return len({entry["node"] for entry in layout})
+
+
+def make_loader(split: Split, batch_sampler, device: torch.device) -> torch.utils.data.DataLoader:
+    """A loader over in-memory tensors that answers each batch with one index operation.
+
+    The whole dataset is a few tensors in memory, so worker processes would only add inter-process
+    copies. The loader's own generator keeps it from drawing on the global RNG, whose stream (dropout)
+    a resumed run must continue exactly.
+    """
+    return torch.utils.data.DataLoader(BatchIndexedTensors(split), batch_sampler=batch_sampler, collate_fn=keep_batch,
+                                       pin_memory=device.type == "cuda",  # for non-blocking copies
+                                       generator=torch.Generator())
+
+
+def evaluate(accelerator: Accelerator, model, loader, image_size: int, num_classes: int,
+             channels_last: bool) -> tuple[list[list[int]], float]:
+    """(confusion matrix [true][predicted], mean cross-entropy) over the whole test set, on every process.
+
+    `gather_for_metrics` drops the samples Accelerate repeats to even out the last batch, so each test
+    image counts exactly once whatever the number of processes.
+    """
+    model.eval()
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=accelerator.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    with torch.no_grad():
+        for images, labels in loader:
+            logits = model(to_model_input(images, image_size, channels_last))
+            losses = F.cross_entropy(logits.float(), labels, reduction="none")
+            predictions, labels, losses = accelerator.gather_for_metrics((logits.argmax(dim=1), labels, losses))
+            confusion += torch.bincount(labels * num_classes + predictions, minlength=num_classes ** 2)
+            loss_sum += losses.double().sum()
+    matrix = confusion.view(num_classes, num_classes).tolist()
+    count = sum(map(sum, matrix))
+    return matrix, (float(loss_sum) / count if count else 0.0)
+
+
+def unwrapped_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor]:
+    """The weights under the bare model's names (`0.0.weight`), whatever wraps it: DDP, autocast,
+    torch.compile (whose `_orig_mod.` prefix Accelerate keeps unless told otherwise)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False).state_dict()
+
+
+def agree(accelerator: Accelerator, stop_requested: bool, first_bad_step: torch.Tensor) -> tuple[bool, int | None]:
+    """One small collective: (did any process ask to stop, the earliest non-finite step on any process).
+
+    `first_bad_step` is an int64 device scalar holding NO_STEP when this process saw nothing wrong.
+    """
+    local = torch.stack([torch.tensor(int(stop_requested), device=first_bad_step.device), first_bad_step])
+    both = accelerator.gather(local.unsqueeze(0)).view(-1, 2).cpu()
+    stop, first_bad = bool(both[:, 0].max()), int(both[:, 1].min())
+    return stop, (None if first_bad == NO_STEP else first_bad)
+
+
+def weights_agree(accelerator: Accelerator, model) -> bool:
+    """Whether every rank holds the same weights (DDP keeps them in step; this checks it did)."""
+    if accelerator.num_processes == 1:
+        return True
+    with torch.no_grad():
+        fingerprint = torch.stack([p.double().sum() for p in model.parameters()]
+                                  + [p.double().abs().sum() for p in model.parameters()])
+    every = accelerator.gather(fingerprint.unsqueeze(0))
+    return bool((every == every[0]).all())
+
+
+def finish(accelerator: Accelerator) -> None:
+    """Leave the process group together: no process tears down gloo while another still uses it."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

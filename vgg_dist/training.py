@@ -1,0 +1,272 @@
+"""The training loop: `fit` runs epochs of `train_step`s, agrees across processes every --sync-every
+steps, and evaluates and checkpoints at each epoch end. `train.py` builds everything it needs.
+
+Nothing in a step waits for the host: loss and accuracy accumulate on the device, and a non-finite
+loss is noted on the device too, until the processes next agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm import tqdm
+
+from vgg_dist import checkpoint, checkpoint_state
+from vgg_dist.accelerated import NO_STEP, agree, evaluate, say, unwrapped_state_dict
+from vgg_dist.checkpoint_state import EpochSums, Progress
+from vgg_dist.config import TrainConfig
+from vgg_dist.data import EpochBatchSampler, to_model_input
+from vgg_dist.errors import Diverged, Preempted
+from vgg_dist.metrics import accuracy
+from vgg_dist.model import ModelSpec, build_model
+from vgg_dist.preemption import StopRequest, requeue_slurm_job
+from vgg_dist.run_files import RunFiles
+
+CURVE_POINTS_PER_EPOCH = 5  # as many train points per epoch as the chapter's plot draws
+
+
+class DeviceSums:
+    """This process's running train-loss sum, correct predictions and sample count for the epoch."""
+
+    LOSS, CORRECT, SAMPLES = range(3)
+
+    def __init__(self, device: torch.device, start: EpochSums | None = None):
+        self.values = torch.zeros(3, dtype=torch.float64, device=device)
+        if start is not None:
+            self.values += torch.tensor(start.as_list(), dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        batch = labels.shape[0]
+        self.values[self.LOSS] += loss * batch
+        self.values[self.CORRECT] += (logits.argmax(dim=1) == labels).sum()
+        self.values[self.SAMPLES] += batch
+
+    def local(self) -> EpochSums:
+        """This process's sums (waits for the device)."""
+        return EpochSums(*self.values.tolist())
+
+    def reduced(self, accelerator: Accelerator) -> EpochSums:
+        """All processes' sums together (a collective)."""
+        return EpochSums(*accelerator.reduce(self.values.clone(), reduction="sum").tolist())
+
+
+class NonFiniteWatch:
+    """The first step whose loss was non-finite, kept on the device until the processes next agree."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad_step = torch.full((), NO_STEP, dtype=torch.int64, device=device)
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        first = ~torch.isfinite(loss) & (self.first_bad_step == NO_STEP)
+        self.first_bad_step = torch.where(first, step, self.first_bad_step)
+
+    def first_bad(self, step: int, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """The first bad step; with `model`, weights that are already non-finite make `step` bad, so
+        that nothing non-finite is ever checkpointed."""
+        if model is None:
+            return self.first_bad_step
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+        return torch.where(finite | (self.first_bad_step != NO_STEP), self.first_bad_step, step)
+
+
+@dataclasses.dataclass
+class Training:
+    """Everything a training step touches."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module               # prepared: DDP, autocast, possibly compiled
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    channels_last: bool
+    progress: Progress
+    sums: DeviceSums
+    watch: NonFiniteWatch
+
+
+def train_step(t: Training, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """One optimizer step on one batch, in the chapter's order."""
+    logits = t.model(to_model_input(images, t.config.image_size, t.channels_last))
+    loss = F.cross_entropy(logits, labels)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.accelerator.backward(loss)
+    t.optimizer.step()
+    t.progress.step_in_epoch += 1
+    t.progress.global_step += 1
+    t.sums.add(loss.detach(), logits.detach(), labels)
+    t.watch.record(loss.detach(), t.progress.global_step)
+
+
+def build_model_and_optimizer(accelerator: Accelerator, config: TrainConfig,
+                              spec: ModelSpec) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The bare model (seeded first, so every process starts from the same weights) and its optimizer."""
+    set_seed(config.seed)
+    model = build_model(spec)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    on_gpu = accelerator.device.type == "cuda"
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
+    # One fused kernel for the whole SGD update on the GPU instead of one per parameter.
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                **({"fused": True} if on_gpu else {"foreach": True}))
+    return model, optimizer
+
+
+def maybe_compile(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    # dynamic=False: batches are always full (Accelerate evens out the last one), so shapes never change.
+    return torch.compile(model, dynamic=False) if config.compile else model
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop needs beyond a step: the data, where results go, and how it is asked to stop."""
+
+    train_loader: torch.utils.data.DataLoader
+    train_sampler: EpochBatchSampler
+    test_loader: torch.utils.data.DataLoader
+    spec: ModelSpec
+    run_dir: Path
+    files: RunFiles | None  # on the global main process only
+    stop: StopRequest
+
+
+@dataclasses.dataclass
+class Result:
+    last_epoch: dict           # the last metrics record ({} if nothing was trained)
+    confusion: list[list[int]] | None
+    trained_samples: int
+    train_seconds: float
+
+
+def fit(t: Training, run: Run, resumed_sums: EpochSums | None = None) -> Result:
+    accelerator, config, progress = t.accelerator, t.config, t.progress
+    steps_per_epoch = run.train_sampler.full_length()
+    curve_every = max(1, steps_per_epoch // CURVE_POINTS_PER_EPOCH)
+    show_bar = accelerator.is_main_process and (sys.stdout.isatty() if config.progress is None else config.progress)
+    result = Result({}, None, 0, 0.0)
+
+    while progress.epoch < config.epochs:
+        epoch, first_step = progress.epoch, progress.step_in_epoch
+        run.train_sampler.start_epoch(epoch, skip_batches=first_step)
+        # A resumed epoch's sums were saved reduced over all processes: add them back once, not per process.
+        t.sums = DeviceSums(accelerator.device, resumed_sums if accelerator.is_main_process else None)
+        resumed_sums = None
+        if accelerator.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
+        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"train epoch {epoch + 1}/{config.epochs}",
+                   unit="batch", file=sys.stdout, leave=False, dynamic_ncols=True) if show_bar else None
+        started = time.perf_counter()
+        t.model.train()
+        for images, labels in run.train_loader:
+            train_step(t, images, labels)
+            if bar is not None:
+                bar.update(1)
+            checkpoint_due = bool(config.checkpoint_every) and progress.global_step % config.checkpoint_every == 0
+            if checkpoint_due or progress.global_step % config.sync_every == 0:
+                agree_then_checkpoint(t, run, checkpoint_due)  # raises Diverged or Preempted
+                if accelerator.is_main_process and (bar is not None
+                                                    or progress.step_in_epoch % curve_every < config.sync_every):
+                    # The processes just synchronised, so reading the running sums costs no extra stall.
+                    point = curve_point(t.sums.local(), progress, steps_per_epoch)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{point['train_loss']:.3f}", acc=f"{point['train_acc']:.3f}",
+                                        refresh=False)
+                    if progress.step_in_epoch % curve_every < config.sync_every:
+                        run.files.add_curve_point(point)
+        if bar is not None:
+            bar.close()
+
+        # End of the epoch: reduce the sums, agree once more (a non-finite end of epoch is never
+        # evaluated, and a stop asked for now need not wait for the evaluation), evaluate, record, checkpoint.
+        sums = t.sums.reduced(accelerator)
+        seconds = time.perf_counter() - started  # reducing waited for the device
+        agree_then_checkpoint(t, run, checkpoint_due=False)
+        started = time.perf_counter()
+        confusion, test_loss = evaluate(accelerator, t.model, run.test_loader, run.spec.image_size,
+                                        run.spec.num_classes, t.channels_last)
+        eval_seconds = time.perf_counter() - started
+        test_acc = accuracy(confusion)
+        steps_run = progress.step_in_epoch - first_step
+        record = {"epoch": epoch + 1, "train_loss": sums.loss / sums.samples, "train_acc": sums.correct / sums.samples,
+                  "train_samples": int(sums.samples), "test_loss": test_loss, "test_acc": test_acc,
+                  "test_samples": sum(map(sum, confusion)),
+                  # Only this session's steps: an epoch resumed at its very end has no speed to report.
+                  "examples_per_sec": steps_run * config.batch_size / seconds if steps_run else None,
+                  "seconds": seconds, "eval_seconds": eval_seconds, "global_step": progress.global_step,
+                  # Per epoch, so a leak shows as growth from one line to the next.
+                  "peak_memory_bytes": (torch.cuda.max_memory_allocated(accelerator.device)
+                                        if accelerator.device.type == "cuda" else None)}
+        result.trained_samples += steps_run * config.batch_size
+        result.train_seconds += seconds if steps_run else 0.0
+        speed = f", {record['examples_per_sec']:.1f} examples/sec" if steps_run else ""
+        say(accelerator, f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.3f}, "
+                         f"train acc {record['train_acc']:.3f}, test acc {test_acc:.3f}{speed}")
+        if run.files:
+            run.files.add_epoch(record)
+        accelerator.log({"train/loss": record["train_loss"], "train/acc": record["train_acc"],
+                         "test/loss": test_loss, "test/acc": test_acc,
+                         **({"perf/examples_per_sec": record["examples_per_sec"]} if steps_run else {})},
+                        step=epoch + 1)
+        result.last_epoch, result.confusion = record, confusion
+        progress.epoch, progress.step_in_epoch = epoch + 1, 0
+        is_best = progress.best_test_acc is None or test_acc > progress.best_test_acc
+        if is_best:
+            progress.best_test_acc = test_acc
+        if config.checkpoint_epochs:
+            t.sums = DeviceSums(accelerator.device)  # a new epoch starts with nothing summed
+            path = save_checkpoint(t, run)
+            if is_best and accelerator.is_main_process:
+                checkpoint.mark_best(run.run_dir / checkpoint.CHECKPOINTS_DIR, path, test_acc)
+    return result
+
+
+def agree_then_checkpoint(t: Training, run: Run, checkpoint_due: bool) -> None:
+    """All processes agree on two things in one small collective: did any see a non-finite loss (then
+    the run ends, Diverged), and was any asked to stop (then a checkpoint is written and the run ends,
+    Preempted). A checkpoint that is due is written here too, after the weights are checked finite."""
+    progress, stop = t.progress, run.stop
+    check_weights = checkpoint_due or stop.requested
+    stop_requested, bad_step = agree(t.accelerator, stop.requested,
+                                     t.watch.first_bad(progress.global_step, t.model if check_weights else None))
+    if bad_step is not None:
+        raise Diverged(f"non-finite loss or weights at step {bad_step} (epoch {progress.epoch + 1}); nothing after "
+                       f"the last checkpoint was saved; lower --lr or check the data")
+    if checkpoint_due or stop_requested:
+        path = save_checkpoint(t, run)
+    if stop_requested:
+        say(t.accelerator, f"stop signal received: checkpoint {path} written")
+        if t.config.requeue and t.accelerator.is_main_process:
+            say(t.accelerator, requeue_slurm_job())
+        raise Preempted(f"by {stop.signal_name or 'a signal on another process'} at step {progress.global_step}; "
+                        f"checkpoint {path}; rerun with --resume auto to continue")
+
+
+def curve_point(sums: EpochSums, progress: Progress, steps_per_epoch: int) -> dict:
+    return {"epoch": progress.epoch + progress.step_in_epoch / steps_per_epoch, "global_step": progress.global_step,
+            "train_loss": sums.loss / sums.samples, "train_acc": sums.correct / sums.samples}
+
+
+def save_checkpoint(t: Training, run: Run) -> Path:
+    """Collective: every process contributes its RNG state and its sums; the main process writes and
+    commits the checkpoint, then rotates old ones; all return once it exists."""
+    accelerator = t.accelerator
+    every_rank_rng = gather_object([checkpoint_state.rng_state()])
+    sums = t.sums.reduced(accelerator)
+    checkpoints_dir = run.run_dir / checkpoint.CHECKPOINTS_DIR
+    path = checkpoints_dir / checkpoint.checkpoint_name(t.progress.global_step)
+    if accelerator.is_main_process:
+        tensor_files, state = checkpoint_state.build(
+            t.progress, sums, unwrapped_state_dict(accelerator, t.model), t.optimizer.state_dict(),
+            accelerator.scaler.state_dict() if accelerator.scaler is not None else None, every_rank_rng,
+            run.spec, t.config.to_dict())
+        path = checkpoint.save_checkpoint(checkpoints_dir, t.progress.global_step, tensor_files, state)
+        checkpoint.rotate(checkpoints_dir, t.config.keep_last)
+    accelerator.wait_for_everyone()  # nobody goes on (or exits) before the checkpoint is committed
+    return path
