@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny IDX datasets written on the fly, and launches that cannot outlive their test."""
+"""Shared fixtures: tiny IDX datasets written on the fly, runs in this process or as real launches that
+cannot outlive their test, and one two-process run that many tests read."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -20,6 +23,11 @@ TRAIN_SCRIPT = str(REPO / "vgg_dist" / "train.py")
 
 # A model small enough that a CPU trains it in seconds: 32x32 input, channels / 16, 64-wide classifier.
 TINY_MODEL = ["--image-size", "32", "--width-divisor", "16", "--hidden-size", "64"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: compiles with torch.compile (about a minute on 2 cores); "
+                                       "run with -m slow")
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +87,7 @@ def launch_command(num_processes: int, *script_and_args: str) -> list[str]:
 
 def train(tmp_path: Path, data_dir: Path, *args: str, num_processes: int = 1, name: str = "run",
           timeout: float = 180) -> tuple[Path, subprocess.CompletedProcess]:
+    """A real `accelerate launch` of the training script."""
     run_dir = tmp_path / name
     command = launch_command(num_processes, TRAIN_SCRIPT, "--data-dir", str(data_dir),
                              "--output-dir", str(run_dir), *args)
@@ -87,9 +96,63 @@ def train(tmp_path: Path, data_dir: Path, *args: str, num_processes: int = 1, na
     return run_dir, result
 
 
+@contextlib.contextmanager
+def isolated_run():
+    """Run a command's main() in this process as if it were its own: afterwards the signal handlers and
+    Accelerate's process-wide state are what they were."""
+    from accelerate.state import AcceleratorState, GradientState
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def run_main(main, argv: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a command's main() run in this process."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with isolated_run(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(argv)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def train_here(tmp_path: Path, data_dir: Path, *args: str, name: str = "run", expect: int = 0) -> tuple[Path, str, str]:
+    """Train in this process, one process (no launcher: seconds faster than `train`)."""
+    from vgg_dist.train import main
+    run_dir = tmp_path / name
+    code, stdout, stderr = run_main(main, ["--data-dir", str(data_dir), "--output-dir", str(run_dir), *args])
+    assert code == expect, f"exit {code}, expected {expect}:\n{stdout}\n{stderr}"
+    return run_dir, stdout, stderr
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def read_weights(run_dir: Path) -> dict:
     return load_file(run_dir / "model.safetensors")
+
+
+def directory_bytes(path: Path) -> dict[Path, bytes]:
+    """Every file under `path` with its contents, to show that a refusal changed nothing."""
+    return {item: item.read_bytes() for item in sorted(path.rglob("*")) if item.is_file()}
+
+
+# The run many tests read: two real gloo processes through the shipped CPU launch config, with a
+# validation split, EMA weights, flip TTA, augmentation, TensorBoard and a forced progress bar.
+SHARED_RUN_ARGS = [*TINY_MODEL, "--epochs", "2", "--batch-size", "8", "--val-split", "0.25", "--model-ema",
+                   "--tta", "--hflip", "0.5", "--report-to", "tensorboard", "--progress"]
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory, tiny_data) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("shared") / "run"
+    result = run_bounded([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(REPO / "launch" / "cpu_multi_process.yaml"), "--main_process_port", str(free_port()),
+                          TRAIN_SCRIPT, "--data-dir", str(tiny_data), "--output-dir", str(run_dir), *SHARED_RUN_ARGS],
+                         timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir, result

@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pytest
+
 from conftest import launch_command, run_bounded
 
 TINY_BENCH = ["--image-size", "32", "--width-divisor", "16", "--batch-size", "16", "--steps", "3", "--warmup", "1"]
@@ -21,6 +23,8 @@ def test_bench_times_baseline_vgg_dist_and_loader(tmp_path):
     assert report["torch"] and report["device"] == "cpu" and report["precision"] == "no"
     assert report["vgg_dist"]["peak_memory_bytes"] > 0
     assert report["vgg_dist"]["compiled"] is False
+    # Only the images the measurements take: the loader's 4 x 3 batches of 16.
+    assert report["data"] == "synthetic 192x28x28 uint8"
     for line in ("baseline (chapter)", "vgg_dist loader only", "speedup vgg_dist / baseline", "peak memory"):
         assert line in result.stdout
 
@@ -39,6 +43,7 @@ def test_bench_refuses_bad_sizes(tmp_path):
     assert result.returncode == 2 and "--image-size must be a multiple of 32" in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_compile_really_compiles_the_timed_model(tmp_path):
     out = tmp_path / "bench.json"
     result = run_bounded([sys.executable, "-m", "vgg_dist.bench", *TINY_BENCH, "--skip-baseline", "--compile",

@@ -1,7 +1,9 @@
-"""Checkpoints: exact resume, preemption, crashes mid-save, and refusing bad checkpoints.
+"""Checkpoints: exact resume, preemption, crashes mid-save, and refusing bad or tampered checkpoints.
 
 The uninterrupted run below is the reference: every interrupted-and-resumed run must end with the
-same bits. 2 processes, 3 epochs of 16 steps, checkpoints every 5 steps and at every epoch end.
+same bits. 2 processes, 2 epochs of 16 steps, checkpoints every 5 steps and at every epoch end, with
+every training feature on: SyncBatchNorm, augmentation, a warm-up + cosine schedule, Nesterov SGD
+with weight decay, label smoothing, gradient clipping, weight EMA and dropout.
 """
 
 import json
@@ -17,15 +19,23 @@ import time
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from conftest import REPO, TRAIN_SCRIPT, launch_command, quiet_env, read_metrics, read_weights, run_bounded, train
-from vgg_dist import checkpoint
+from conftest import (REPO, TRAIN_SCRIPT, directory_bytes, launch_command, quiet_env, read_metrics, read_weights,
+                      run_bounded, train, train_here)
+from vgg_dist import checkpoint, checkpoint_state
+from vgg_dist.config import parse_config
 from vgg_dist.errors import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE
+from vgg_dist.model import build_model
+from vgg_dist.optim import make_sgd
+from vgg_dist.training import make_schedule
 
 STEPS_PER_EPOCH = 16
-ARGS = ["--image-size", "64", "--width-divisor", "16", "--hidden-size", "128", "--epochs", "3",
-        "--batch-size", "16", "--momentum", "0.9", "--checkpoint-every", "5", "--keep-last", "0",
+MODEL = ["--image-size", "32", "--width-divisor", "16", "--hidden-size", "128"]
+FEATURES = ["--batch-norm", "--momentum", "0.9", "--nesterov", "--weight-decay", "5e-4", "--lr-schedule", "cosine",
+            "--warmup-epochs", "1", "--label-smoothing", "0.1", "--clip-grad-norm", "5", "--random-crop-padding", "2",
+            "--hflip", "0.5", "--random-erase", "0.5", "--model-ema"]
+ARGS = [*MODEL, *FEATURES, "--epochs", "2", "--batch-size", "16", "--checkpoint-every", "5", "--keep-last", "0",
         "--sync-every", "1"]
 
 
@@ -46,11 +56,11 @@ def assert_same_bits(run_dir, reference_dir):
         assert torch.equal(ours[name], theirs[name]), name
     ours_ckpt, theirs_ckpt = final_checkpoint(run_dir), final_checkpoint(reference_dir)
     assert ours_ckpt.name == theirs_ckpt.name
-    optimizer_ours = load_file(ours_ckpt / "optimizer.safetensors")
-    optimizer_theirs = load_file(theirs_ckpt / "optimizer.safetensors")
-    assert optimizer_ours and optimizer_ours.keys() == optimizer_theirs.keys()  # momentum buffers exist
-    for name in optimizer_ours:
-        assert torch.equal(optimizer_ours[name], optimizer_theirs[name]), name
+    for file in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        mine, reference = load_file(ours_ckpt / file), load_file(theirs_ckpt / file)
+        assert mine and mine.keys() == reference.keys()  # momentum buffers exist
+        for name in mine:
+            assert torch.equal(mine[name], reference[name]), (file, name)
 
 
 def stopped_copy(reference_dir, destination, last_step):
@@ -64,30 +74,56 @@ def stopped_copy(reference_dir, destination, last_step):
     return destination
 
 
-def resume(run_dir, tiny_data, num_processes=2, extra=(), check=True):
+def resume(run_dir, tiny_data, num_processes=2, extra=()):
     command = launch_command(num_processes, TRAIN_SCRIPT, "--data-dir", str(tiny_data), "--output-dir",
                              str(run_dir), *ARGS, *extra, "--resume", "auto")
     result = run_bounded(command, timeout=180)
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     return result
 
 
-def test_mid_epoch_resume_is_bitwise_identical(reference, tiny_data, tmp_path):
-    run_dir = stopped_copy(reference, tmp_path / "run", last_step=20)  # epoch 2, step 4 of 16
-    result = resume(run_dir, tiny_data)
-    assert "resumed from" in result.stdout and "step_0000020" in result.stdout
-    assert_same_bits(run_dir, reference)
-    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2, 3]  # no epoch repeated in the log
-    assert [m["train_loss"] for m in read_metrics(run_dir)] == [m["train_loss"] for m in read_metrics(reference)]
-
-
 def test_epoch_boundary_resume_is_bitwise_identical(reference, tiny_data, tmp_path):
-    run_dir = stopped_copy(reference, tmp_path / "run", last_step=2 * STEPS_PER_EPOCH)
-    state = checkpoint.read_state(run_dir / "checkpoints" / "step_0000032")
-    assert state["progress"]["epoch"] == 2 and state["progress"]["step_in_epoch"] == 0
+    run_dir = stopped_copy(reference, tmp_path / "run", last_step=STEPS_PER_EPOCH)
+    state = checkpoint.read_state(run_dir / "checkpoints" / "step_0000016")
+    assert state["progress"]["epoch"] == 1 and state["progress"]["step_in_epoch"] == 0
     resume(run_dir, tiny_data)
     assert_same_bits(run_dir, reference)
+
+
+def _crash_during_save(checkpoints_dir, step):
+    """Start a real save in another process and kill it (os._exit) after it wrote part of a file."""
+    script = textwrap.dedent(f"""
+        import os, torch, safetensors.torch
+        from pathlib import Path
+        from vgg_dist import checkpoint
+        real = safetensors.torch.save_file
+        def dying_save(tensors, path, metadata=None):
+            real(tensors, path, metadata=metadata)
+            with open(path, "r+b") as handle:
+                handle.truncate(os.path.getsize(path) // 2)
+            os._exit(9)
+        checkpoint.save_file = dying_save
+        checkpoint.save_checkpoint(Path({str(checkpoints_dir)!r}), {step},
+                                   {{"model.safetensors": ({{"w": torch.ones(1000)}}, {{}})}}, {{"x": 1}})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=60, capture_output=True)
+    assert result.returncode == 9, result.stderr
+
+
+def test_mid_epoch_resume_past_a_crashed_and_an_uncommitted_save_is_bitwise_identical(reference, tiny_data, tmp_path):
+    run_dir = stopped_copy(reference, tmp_path / "run", last_step=25)
+    (run_dir / "checkpoints" / "step_0000025" / "manifest.json").unlink()  # a save that never committed
+    _crash_during_save(run_dir / "checkpoints", step=28)  # and one that died half-way
+    assert list((run_dir / "checkpoints").glob(".tmp-*")) and not (run_dir / "checkpoints" / "step_0000028").exists()
+    result = resume(run_dir, tiny_data)
+    assert "skipping" in result.stdout and "step_0000025: incomplete checkpoint" in result.stdout
+    assert "resumed from" in result.stdout and "step_0000020" in result.stdout
+    assert "interrupted save" in result.stdout and not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert_same_bits(run_dir, reference)
+    # Step 20 is mid-epoch (epoch 2, step 4 of 16): the epoch's partial sums and the schedule continue too.
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2]  # no epoch repeated in the log
+    assert [m["train_loss"] for m in read_metrics(run_dir)] == [m["train_loss"] for m in read_metrics(reference)]
+    assert [m["lr"] for m in read_metrics(run_dir)] == [m["lr"] for m in read_metrics(reference)]
 
 
 def _worker(rank: int, timeout: float = 60) -> psutil.Process:
@@ -101,12 +137,6 @@ def _worker(rank: int, timeout: float = 60) -> psutil.Process:
                 continue
         time.sleep(0.05)
     pytest.fail(f"no training process with RANK={rank} appeared")
-
-
-def _start(run_dir, tiny_data, env=None):
-    command = launch_command(2, TRAIN_SCRIPT, "--data-dir", str(tiny_data), "--output-dir", str(run_dir), *ARGS)
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env=env or quiet_env(), start_new_session=True)
 
 
 def reported_exit_codes(launcher_stderr: str) -> set[int]:
@@ -140,7 +170,9 @@ def _signal_after_first_checkpoint(process, run_dir, rank, number):
 
 def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume_matches(reference, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    process = _start(run_dir, tiny_data)
+    command = launch_command(2, TRAIN_SCRIPT, "--data-dir", str(tiny_data), "--output-dir", str(run_dir), *ARGS)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               env=quiet_env(), start_new_session=True)
     stdout, stderr, seconds = _signal_after_first_checkpoint(process, run_dir, rank=1, number=signal.SIGTERM)
     assert process.returncode != 0
     assert seconds < 20  # both workers
@@ -148,7 +180,7 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume_matches(ref
     assert "rerun with --resume auto" in stderr
     newest = checkpoint.list_checkpoints(run_dir / "checkpoints")[-1]
     checkpoint.verify(newest)
-    assert not (run_dir / "model.safetensors").exists()
+    assert not (run_dir / "model.safetensors").exists() and not (run_dir / ".vgg_dist.lock").exists()
     resume(run_dir, tiny_data)
     assert_same_bits(run_dir, reference)
 
@@ -161,7 +193,8 @@ def test_sigusr1_under_slurm_checkpoints_and_requeues_once(tiny_data, tmp_path):
     (bin_dir / "scontrol").chmod(0o755)
     env = quiet_env(SLURM_JOB_ID="4242", PATH=f"{bin_dir}:{os.environ['PATH']}")
     run_dir = tmp_path / "run"
-    command = launch_command(2, TRAIN_SCRIPT, "--data-dir", str(tiny_data), "--output-dir", str(run_dir), *ARGS,
+    command = launch_command(2, TRAIN_SCRIPT, "--data-dir", str(tiny_data), "--output-dir", str(run_dir), *MODEL,
+                             "--epochs", "2", "--batch-size", "16", "--checkpoint-every", "5", "--sync-every", "1",
                              "--requeue")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                env=env, start_new_session=True)
@@ -169,48 +202,6 @@ def test_sigusr1_under_slurm_checkpoints_and_requeues_once(tiny_data, tmp_path):
     assert seconds < 20 and reported_exit_codes(stderr) == {EXIT_PREEMPTED}, stderr
     assert calls.read_text().splitlines() == ["requeue 4242"]
     checkpoint.verify(checkpoint.list_checkpoints(run_dir / "checkpoints")[-1])
-
-
-def _crash_during_save(checkpoints_dir, step):
-    """Start a real save in another process and kill it (os._exit) after it wrote part of a file."""
-    script = textwrap.dedent(f"""
-        import os, torch, safetensors.torch
-        from pathlib import Path
-        from vgg_dist import checkpoint
-        real = safetensors.torch.save_file
-        def dying_save(tensors, path, metadata=None):
-            real(tensors, path, metadata=metadata)
-            with open(path, "r+b") as handle:
-                handle.truncate(os.path.getsize(path) // 2)
-            os._exit(9)
-        checkpoint.save_file = dying_save
-        checkpoint.save_checkpoint(Path({str(checkpoints_dir)!r}), {step},
-                                   {{"model.safetensors": ({{"w": torch.ones(1000)}}, {{}})}}, {{"x": 1}})
-    """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=60, capture_output=True)
-    assert result.returncode == 9, result.stderr
-
-
-def test_crash_while_saving_keeps_the_previous_checkpoint(reference, tiny_data, tmp_path):
-    run_dir = stopped_copy(reference, tmp_path / "run", last_step=25)
-    _crash_during_save(run_dir / "checkpoints", step=30)
-    leftovers = list((run_dir / "checkpoints").glob(".tmp-*"))
-    assert leftovers and not (run_dir / "checkpoints" / "step_0000030").exists()
-    found = checkpoint.find_latest(run_dir / "checkpoints", say=print)
-    assert found.name == "step_0000025"
-    result = resume(run_dir, tiny_data)
-    assert "step_0000025" in result.stdout and "interrupted save" in result.stdout
-    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
-    assert_same_bits(run_dir, reference)
-
-
-def test_resume_auto_skips_an_incomplete_checkpoint(reference, tiny_data, tmp_path):
-    run_dir = stopped_copy(reference, tmp_path / "run", last_step=40)
-    (run_dir / "checkpoints" / "step_0000040" / "manifest.json").unlink()  # a save that never committed
-    result = resume(run_dir, tiny_data)
-    assert "skipping" in result.stdout and "step_0000040: incomplete checkpoint" in result.stdout
-    assert "resumed from" in result.stdout and "step_0000035" in result.stdout
-    assert_same_bits(run_dir, reference)
 
 
 def _tiny_save(checkpoints_dir, step):
@@ -236,7 +227,7 @@ def test_rotation_only_after_commit_even_when_the_third_save_crashes(tmp_path):
 def test_rotation_keeps_the_best(tmp_path):
     checkpoints_dir = tmp_path / "checkpoints"
     best = _tiny_save(checkpoints_dir, 1)
-    checkpoint.mark_best(checkpoints_dir, best, 0.9)
+    checkpoint.mark_best(checkpoints_dir, best, "test_acc", 0.9)
     for step in (2, 3, 4):
         _tiny_save(checkpoints_dir, step)
         checkpoint.rotate(checkpoints_dir, keep_last=2)
@@ -259,7 +250,35 @@ def test_optimizer_state_round_trips_without_pickle():
                        optimizer.state_dict()["state"][0]["momentum_buffer"])
 
 
-# ---- Bad checkpoints ------------------------------------------------------------------------------
+def test_resuming_at_the_very_end_of_an_epoch_reports_no_speed_for_it(tiny_data, tmp_path):
+    args = [*MODEL, "--epochs", "2", "--batch-size", "32", "--checkpoint-every", "8", "--no-checkpoint-epochs",
+            "--keep-last", "0"]
+    run_dir, _, _ = train_here(tmp_path, tiny_data, *args)
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000016")
+    state = checkpoint.read_state(run_dir / "checkpoints" / "step_0000008")
+    assert state["progress"] == {"epoch": 0, "step_in_epoch": 8, "global_step": 8, "best_acc": None}
+    train_here(tmp_path, tiny_data, *args, "--resume", "auto")
+    first, second = read_metrics(run_dir)
+    assert first["examples_per_sec"] is None and first["train_samples"] == 256
+    assert second["examples_per_sec"] > 0
+
+
+def test_nonfinite_loss_stops_all_ranks_and_is_never_checkpointed(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    command = launch_command(2, TRAIN_SCRIPT, "--data-dir", str(tiny_data), "--output-dir", str(run_dir), *MODEL,
+                             "--batch-size", "16", "--lr", "1e6", "--checkpoint-every", "1", "--sync-every", "1")
+    result = run_bounded(command, timeout=120)
+    assert result.returncode != 0
+    assert reported_exit_codes(result.stderr) == {EXIT_DIVERGED}, result.stderr
+    assert "error: non-finite loss or weights at step" in result.stderr
+    bad_step = int(result.stderr.split("at step ")[1].split()[0])
+    saved = checkpoint.list_checkpoints(run_dir / "checkpoints")
+    assert all(int(path.name.split("_")[1]) < bad_step for path in saved)
+    for path in saved:
+        assert all(torch.isfinite(t).all() for t in load_file(path / "model.safetensors").values())
+
+
+# ---- Refusing checkpoints: every check runs before anything changes ---------------------------------
 
 def _rewrite_manifest(path):
     """Make the manifest agree with what is on disk, so a later check (not the hash) has to catch it."""
@@ -267,6 +286,30 @@ def _rewrite_manifest(path):
     manifest["files"] = {name: {"bytes": (path / name).stat().st_size, "sha256": checkpoint._sha256(path / name)}
                          for name in sorted(p.name for p in path.iterdir() if p.name != "manifest.json")}
     (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _edit_state(change):
+    def damage(path, sentinel):
+        state = json.loads((path / "state.json").read_text())
+        change(state)
+        (path / "state.json").write_text(json.dumps(state))
+        _rewrite_manifest(path)
+    return damage
+
+
+def _edit_manifest(change):
+    def damage(path, sentinel):
+        manifest = json.loads((path / "manifest.json").read_text())
+        change(manifest)
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    return damage
+
+
+def _replace_file(name, make):
+    def damage(path, sentinel):
+        (path / name).unlink()
+        make(path / name)
+    return damage
 
 
 class _Sentinel:
@@ -282,6 +325,25 @@ def _plant_pickle(path, sentinel):
     _rewrite_manifest(path)
 
 
+def _empty_rng_file(path, sentinel):
+    save_file({}, path / "rng.safetensors", metadata={"vgg_dist.file": "rng.safetensors"})
+    _rewrite_manifest(path)
+
+
+def _misshape_momentum(path, sentinel):
+    tensors = load_file(path / "optimizer.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = torch.zeros(3)
+    save_file(tensors, path / "optimizer.safetensors", metadata={"vgg_dist.file": "optimizer.safetensors"})
+    _rewrite_manifest(path)
+
+
+def _at_epoch(epoch):
+    def change(state):
+        state["progress"].update(epoch=epoch, step_in_epoch=0, global_step=epoch * STEPS_PER_EPOCH)
+    return change
+
+
 BAD_CHECKPOINTS = {
     "truncated": (lambda p, s: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:-100]),
                   "truncated or appended to"),
@@ -293,82 +355,80 @@ BAD_CHECKPOINTS = {
     "pickle renamed": (_plant_pickle, "not a valid safetensors file"),
     "truncated and manifest rewritten": (lambda p, s: ((p / "model.safetensors").write_bytes(
         (p / "model.safetensors").read_bytes()[:5000]), _rewrite_manifest(p)), "not a valid safetensors file"),
+    "manifest files a list": (_edit_manifest(lambda m: m.update(files=list(m["files"]))), "'files' must map"),
+    "manifest entry without bytes": (_edit_manifest(lambda m: m["files"]["state.json"].pop("bytes")),
+                                     "entry 'state.json' needs a byte count"),
+    "link to /dev/zero": (_replace_file("rng.safetensors", lambda p: p.symlink_to("/dev/zero")), "not a regular file"),
+    "fifo": (_replace_file("rng.safetensors", os.mkfifo), "not a regular file"),
+    "epoch -1": (_edit_state(lambda s: s["progress"].update(epoch=-1)), "progress.epoch must be a whole number"),
+    "epoch as text": (_edit_state(lambda s: s["progress"].update(epoch="1")), "progress.epoch must be a whole number"),
+    "epoch 50": (_edit_state(lambda s: s["progress"].update(epoch=50)), "progress.global_step 20 is not epoch 50"),
+    "epoch 50, consistent": (_edit_state(_at_epoch(50)), "past the end of a 2-epoch run"),
+    "step 100 of an epoch": (_edit_state(lambda s: s["progress"].update(step_in_epoch=100)), "beyond the 16 steps"),
+    "no optimizer": (_edit_state(lambda s: s.pop("optimizer")), "optimizer state does not fit"),
+    "optimizer tensor misshapen": (_misshape_momentum, "optimizer state does not fit"),
+    "python rng garbage": (_edit_state(lambda s: s["rng"][1].update(python=[3, [1, 2], None])),
+                           "random generator state of rank 1 is unusable"),
+    "rng file without tensors": (_empty_rng_file, "random generator state of rank 0 is unusable"),
+    "partial sums cut": (_edit_state(lambda s: s.update(partial_epoch_totals=[1.0, 2.0])), "three finite sums"),
+    "world size 0": (_edit_state(lambda s: s.update(world_size=0)), "world_size must be a positive integer"),
 }
 
 
+def read_checkpoint(path, *flags, num_classes=10):
+    """checkpoint_state.read as the trainer calls it, for a run with ARGS and `flags`."""
+    config = parse_config([*ARGS, *flags], prog="train", description="test")
+    spec = config.model_spec(in_channels=1, num_classes=num_classes)
+    model = build_model(spec)
+    optimizer = make_sgd(model, config.lr, config.momentum, config.nesterov, config.weight_decay, fused=False)
+    return checkpoint_state.read(path, spec, config.to_dict(), model, optimizer,
+                                 make_schedule(config, STEPS_PER_EPOCH), 0, STEPS_PER_EPOCH)
+
+
+def test_the_reference_checkpoint_itself_is_accepted(reference):
+    restored = read_checkpoint(reference / "checkpoints" / "step_0000020")
+    assert restored.progress.global_step == 20 and restored.ema_weights is not None
+
+
 @pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
-def test_bad_checkpoint_is_refused_with_one_line_and_nothing_changes(reference, tiny_data, tmp_path, case):
+def test_bad_checkpoint_is_refused_with_one_line_and_nothing_changes(reference, tmp_path, case):
     damage, message = BAD_CHECKPOINTS[case]
-    run_dir = stopped_copy(reference, tmp_path / "run", last_step=20)
-    target = run_dir / "checkpoints" / "step_0000020"
+    target = shutil.copytree(reference / "checkpoints" / "step_0000020", tmp_path / "step_0000020")
     sentinel = tmp_path / "pickle-ran"
     damage(target, sentinel)
-    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
-    result = run_bounded([sys.executable, TRAIN_SCRIPT, "--data-dir", str(tiny_data), *ARGS,
-                          "--resume", str(target), "--output-dir", str(run_dir)], timeout=120)
-    assert result.returncode == EXIT_USAGE, result.stdout + result.stderr
-    assert result.stderr.count("\n") == 1 and message in result.stderr and str(target) in result.stderr
-    assert "epoch 1/" not in result.stdout  # refused before any training
-    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+    before = {path.name: path.lstat().st_size for path in target.iterdir()}
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        read_checkpoint(target)
+    assert message in str(caught.value) and str(target) in str(caught.value) and "\n" not in str(caught.value)
+    assert {path.name: path.lstat().st_size for path in target.iterdir()} == before
     assert not sentinel.exists()
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--image-size", "32"], "holds a different model (image_size 64 here 32)"),
+    (["--image-size", "64"], "holds a different model (image_size 32 here 64)"),
     (["--arch", "vgg13"], "holds a different model (arch vgg11 here vgg13)"),
     (["--batch-size", "32"], "was trained with --batch-size 16, not 32"),
+    (["--lr", "0.1"], "follows the learning-rate schedule"),
+    (["--no-model-ema"], "was trained with --model-ema; resume with it"),
 ])
-def test_checkpoint_of_another_model_is_refused(reference, tiny_data, tmp_path, flags, message):
-    target = final_checkpoint(reference)
-    before = (target / "model.safetensors").read_bytes()
-    result = run_bounded([sys.executable, TRAIN_SCRIPT, "--data-dir", str(tiny_data), *ARGS, *flags,
-                          "--resume", str(target), "--output-dir", str(tmp_path / "new")], timeout=120)
-    assert result.returncode == EXIT_USAGE, result.stderr
-    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
-    assert (target / "model.safetensors").read_bytes() == before
+def test_checkpoint_of_another_run_is_refused(reference, flags, message):
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(message)):
+        read_checkpoint(reference / "checkpoints" / "step_0000020", *flags)
 
 
-def test_another_num_classes_is_refused_before_weights_change(reference):
-    from vgg_dist import checkpoint_state
-    from vgg_dist.config import TrainConfig
-    from vgg_dist.model import build_model
-    config = TrainConfig(image_size=64, width_divisor=16, hidden_size=128, batch_size=16, epochs=3)
-    spec = config.model_spec(in_channels=1, num_classes=7)
-    model = build_model(spec)
-    untouched = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+def test_a_dataset_with_other_classes_is_refused(reference):
     with pytest.raises(checkpoint.CheckpointError, match="num_classes 10 here 7"):
-        checkpoint_state.read(final_checkpoint(reference), spec, config.to_dict(), model, optimizer, 0, 16)
-    assert all(torch.equal(model.state_dict()[name], untouched[name]) for name in untouched)
+        read_checkpoint(reference / "checkpoints" / "step_0000020", num_classes=7)
 
 
-def test_nonfinite_loss_stops_all_ranks_and_is_never_checkpointed(tiny_data, tmp_path):
-    run_dir = tmp_path / "run"
-    command = launch_command(2, TRAIN_SCRIPT, "--data-dir", str(tiny_data), "--output-dir", str(run_dir),
-                             *ARGS, "--lr", "1e6", "--checkpoint-every", "1")
-    result = run_bounded(command, timeout=120)
-    assert result.returncode != 0
-    assert reported_exit_codes(result.stderr) == {EXIT_DIVERGED}, result.stderr
-    assert "error: non-finite loss or weights at step" in result.stderr
-    bad_step = int(result.stderr.split("at step ")[1].split()[0])
-    saved = checkpoint.list_checkpoints(run_dir / "checkpoints")
-    assert all(int(path.name.split("_")[1]) < bad_step for path in saved)
-    for path in saved:
-        assert all(torch.isfinite(t).all() for t in load_file(path / "model.safetensors").values())
-
-
-def test_resume_on_fewer_processes_continues_the_same_run(tiny_data, tmp_path):
-    # Without dropout the arithmetic is the same up to reduction order, so 2 -> 1 must land next to
-    # the uninterrupted 2-process run (a wrong data order after the resume moves weights by ~1e-2).
-    no_dropout = ["--dropout", "0", "--epochs", "2"]
-    reference_dir, _ = train(tmp_path, tiny_data, *ARGS, *no_dropout, num_processes=2, name="reference")
-    run_dir = stopped_copy(reference_dir, tmp_path / "run", last_step=20)
-    result = resume(run_dir, tiny_data, num_processes=1, extra=no_dropout)
-    assert "global step 20" in result.stdout
-    ours, theirs = read_weights(run_dir), read_weights(reference_dir)
-    for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=3e-4, msg=name)
-    assert read_metrics(run_dir)[1]["train_loss"] == pytest.approx(read_metrics(reference_dir)[1]["train_loss"],
-                                                                   rel=1e-5)
-    assert read_metrics(run_dir)[1]["train_samples"] == 256
-    assert final_checkpoint(run_dir).name == final_checkpoint(reference_dir).name == "step_0000032"
+def test_a_tampered_checkpoint_leaves_the_run_directory_byte_for_byte(reference, tiny_data, tmp_path):
+    run_dir = stopped_copy(reference, tmp_path / "run", last_step=20)
+    target = run_dir / "checkpoints" / "step_0000020"
+    _edit_state(_at_epoch(50))(target, None)
+    before = directory_bytes(run_dir)
+    result = run_bounded([sys.executable, TRAIN_SCRIPT, "--data-dir", str(tiny_data), *ARGS,
+                          "--resume", str(target), "--output-dir", str(run_dir)], timeout=120)
+    assert result.returncode == EXIT_USAGE, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "past the end of a 2-epoch run" in result.stderr
+    assert "epoch 1/" not in result.stdout  # refused before any training
+    assert directory_bytes(run_dir) == before

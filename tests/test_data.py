@@ -1,7 +1,10 @@
 import gzip
+import json
+import os
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -52,6 +55,7 @@ CORRUPTIONS = {
     "count mismatch": ("train-labels-idx1-ubyte.gz", (_idx(1, [11], bytes(11)), True), "holds 11 labels"),
     "label out of range": ("t10k-labels-idx1-ubyte.gz", (_idx(1, [5], bytes([0, 1, 2, 10, 3])), True),
                            "label 10 is not below the 10 classes"),
+    "no images": ("train-images-idx3-ubyte.gz", (_idx(3, [0, 28, 28], b""), True), "holds 12 labels but"),
 }
 
 
@@ -68,6 +72,16 @@ def test_each_corruption_names_the_file(tmp_path, case):
         load_dataset("fashion_mnist", tmp_path)
     assert name in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_split_with_no_images_is_refused(tmp_path, split):
+    write_dataset(tmp_path, train=12, test=5)
+    images_name, labels_name = SPLIT_FILES[split]
+    (tmp_path / images_name).write_bytes(gzip.compress(_idx(3, [0, 28, 28], b"")))
+    (tmp_path / labels_name).write_bytes(gzip.compress(_idx(1, [0], b"")))
+    with pytest.raises(UsageError, match=f"{images_name}: holds no images"):
+        load_dataset("fashion_mnist", tmp_path)
 
 
 def test_missing_file_names_the_flag_and_the_file(tmp_path):
@@ -87,13 +101,24 @@ def test_validation_survives_python_O(tmp_path):
 
 def test_offline_hub_says_how_to_get_the_data(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-vgg-dist-cache")
     with pytest.raises(UsageError) as caught:
         load_dataset("fashion_mnist", None)
     message = str(caught.value)
     assert "--data-dir" in message and "train-images-idx3-ubyte.gz" in message and "\n" not in message
-    assert message.startswith("no fashion_mnist data: zalando-datasets/fashion_mnist could not be loaded")
+    assert message.startswith("no fashion_mnist data: the Hub is not reachable (HF_HUB_OFFLINE=1) and "
+                              "zalando-datasets/fashion_mnist is not in the local cache")
+
+
+def test_an_unreachable_hub_fails_in_seconds_not_after_retries(tmp_path):
+    # A port nothing listens on: `datasets` alone would retry for half a minute.
+    code = "from vgg_dist.data import load_dataset; load_dataset('fashion_mnist', None)"
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert time.monotonic() - started < 15
+    assert "HF_HUB_OFFLINE=1" in result.stderr and "pass --data-dir DIR" in result.stderr
 
 
 def test_sampler_order_depends_only_on_seed_and_epoch():
@@ -137,19 +162,38 @@ def test_device_resize_is_close_to_the_chapters_pil_resize():
     assert difference.mean() < 0.5 / 255
 
 
-def test_hub_path_converts_a_datasets_dataset(monkeypatch):
-    """The Hub path after the download: a DatasetDict of PIL images and ClassLabels, built locally."""
-    import datasets
-    from PIL import Image
-    images, labels = make_images(12, seed=5)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
-    split = datasets.Dataset.from_dict({"image": [Image.fromarray(image.numpy()) for image in images],
-                                        "label": labels.tolist()}, features=features)
-    requested = []
-    monkeypatch.setattr(datasets, "load_dataset",
-                        lambda name: requested.append(name) or datasets.DatasetDict(train=split, test=split))
-    data = load_dataset("fashion_mnist", None)
-    assert requested == ["zalando-datasets/fashion_mnist"]
-    assert data.train.images.shape == (12, 1, 28, 28) and data.train.images.dtype == torch.uint8
-    assert torch.equal(data.train.images[:, 0], images) and torch.equal(data.test.labels, labels.long())
-    assert data.source == "hf://zalando-datasets/fashion_mnist"
+HUB_COPY_SCRIPT = """
+import dataclasses, json, sys
+import datasets, torch
+from PIL import Image
+from vgg_dist import data
+from vgg_dist.synthetic import make_images
+folder = sys.argv[1]
+images, labels = make_images(12, seed=5)
+names = list(data.DATASETS["fashion_mnist"].class_names)
+features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+split = datasets.Dataset.from_dict({"image": [Image.fromarray(image.numpy()) for image in images],
+                                    "label": labels.tolist()}, features=features)
+split.to_parquet(f"{folder}/fashion_mnist/train-00000-of-00001.parquet")
+split.select(range(5)).to_parquet(f"{folder}/fashion_mnist/test-00000-of-00001.parquet")
+data.DATASETS["fashion_mnist"] = dataclasses.replace(data.DATASETS["fashion_mnist"], hub_id=folder)
+loaded = data.load_dataset("fashion_mnist", None)
+print(json.dumps({"shape": list(loaded.train.images.shape), "dtype": str(loaded.train.images.dtype),
+                  "images_equal": torch.equal(loaded.train.images[:, 0], images),
+                  "labels_equal": torch.equal(loaded.train.labels, labels.long()),
+                  "test_labels_equal": torch.equal(loaded.test.labels, labels[:5].long()), "source": loaded.source}))
+"""
+
+
+def test_hub_path_loads_a_dataset_laid_out_as_the_hub_copy(tmp_path):
+    """The real `datasets.load_dataset` on a local folder shaped like zalando-datasets/fashion_mnist
+    (parquet shards of an image column and a class-label column): the column handling, proven offline.
+    In its own process, so that this one never imports `datasets` (it reads its offline setting once)."""
+    (tmp_path / "fashion_mnist").mkdir()
+    env = {**os.environ, "HF_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", HUB_COPY_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded == {"shape": [12, 1, 28, 28], "dtype": "torch.uint8", "images_equal": True, "labels_equal": True,
+                      "test_labels_equal": True, "source": f"hf://{tmp_path}"}

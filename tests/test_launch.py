@@ -53,15 +53,6 @@ def test_every_launch_file_is_covered():
     assert (LAUNCH / "gpu_check.sh").read_text().splitlines()[1] == "# bash launch/gpu_check.sh OUT_DIR"
 
 
-def test_cpu_config_gives_a_real_two_process_job(tmp_path, tiny_data):
-    result = run_bounded([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                          str(LAUNCH / "cpu_multi_process.yaml"), "--main_process_port", str(free_port()),
-                          TRAIN_SCRIPT, "--data-dir", str(tiny_data), *TINY_MODEL, "--epochs", "1",
-                          "--batch-size", "8", "--output-dir", str(tmp_path / "run")], timeout=180)
-    assert result.returncode == 0, result.stderr
-    assert "world size 2 = 1 node x 2 processes per node, backend gloo" in result.stdout
-
-
 def machine_command(rank, port, run_dir, data, *extra, processes_per_machine=1):
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
             "--machine_rank", str(rank), "--num_processes", str(2 * processes_per_machine),
@@ -93,17 +84,17 @@ def finish_all(processes, timeout):
 def test_two_machines_on_loopback_train_one_model(tmp_path, tiny_data):
     port, run_dir = free_port(), tmp_path / "run"
     processes = start_all([machine_command(rank, port, run_dir, tiny_data, "--epochs", "2", "--batch-size", "8",
-                                           processes_per_machine=2) for rank in (0, 1)], loopback_env())
+                                           processes_per_machine=1) for rank in (0, 1)], loopback_env())
     outputs = finish_all(processes, timeout=240)
     for process, (stdout, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stdout + stderr
     main_stdout = outputs[0][0]
-    assert "world size 4 = 2 nodes x 2 processes per node" in main_stdout
-    assert "ranks 0:node0/cpu, 1:node0/cpu, 2:node1/cpu, 3:node1/cpu" in main_stdout
+    assert "world size 2 = 2 nodes x 1 process per node" in main_stdout
+    assert "ranks 0:node0/cpu, 1:node1/cpu" in main_stdout
     assert outputs[1][0].count("epoch 1/2") == 0  # only the global main process prints
     assert all(m["test_samples"] == 77 for m in read_metrics(run_dir))
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["launch"]["nodes"] == 2 and config["launch"]["num_processes"] == 4
+    assert config["launch"]["nodes"] == 2 and config["launch"]["num_processes"] == 2
     assert config["weights_identical_across_ranks"] is True
 
 
@@ -177,20 +168,8 @@ exit $status
 SBATCH = str(LAUNCH / "slurm" / "train.sbatch")
 
 
-def test_sbatch_script_forms_one_world_under_stub_slurm(tmp_path, tiny_data):
-    env, submit_dir, calls = fake_slurm(tmp_path)
-    result = run_bounded(["bash", SBATCH, "--data-dir", str(tiny_data), *TINY_MODEL, "--epochs", "1",
-                          "--batch-size", "8"], timeout=240, env=env, cwd=submit_dir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "world size 2 = 2 nodes x 1 process per node" in result.stdout
-    assert "ranks 0:node0/cpu, 1:node1/cpu" in result.stdout
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert [entry["node"] for entry in config["launch"]["ranks"]] == [0, 1]
-    assert "scontrol show hostnames node[1-2]" in calls.read_text()
-    assert "scontrol requeue" not in calls.read_text()  # nothing asked it to stop
-
-
-def test_sbatch_turns_the_time_limit_signal_into_a_checkpoint_and_one_requeue(tmp_path, tiny_data):
+def test_sbatch_forms_one_world_and_turns_the_time_limit_signal_into_a_checkpoint_and_one_requeue(tmp_path,
+                                                                                                   tiny_data):
     env, submit_dir, calls = fake_slurm(tmp_path)
     run_dir = tmp_path / "run"
     script = subprocess.Popen(["bash", SBATCH, "--data-dir", str(tiny_data), *TINY_MODEL, "--epochs", "500",
@@ -207,6 +186,10 @@ def test_sbatch_turns_the_time_limit_signal_into_a_checkpoint_and_one_requeue(tm
         finish_all([script], timeout=1)
     # torchrun's agents exit non-zero after forwarding SIGTERM; what matters is what the workers did.
     assert script.returncode != 0
+    assert "world size 2 = 2 nodes x 1 process per node" in stdout and "ranks 0:node0/cpu, 1:node1/cpu" in stdout
+    config = json.loads((run_dir / "config.json").read_text())
+    assert [entry["node"] for entry in config["launch"]["ranks"]] == [0, 1]
+    assert "scontrol show hostnames node[1-2]" in calls.read_text()
     assert "time limit near" in stdout and "stop signal received: checkpoint" in stdout, stdout + stderr
     assert "requeued SLURM job 777" in stdout
     requeues = [line for line in calls.read_text().splitlines() if line.startswith("scontrol requeue")]

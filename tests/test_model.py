@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -72,10 +75,29 @@ def test_other_image_sizes_are_refused(size):
         build_model(ModelSpec(image_size=size))
 
 
-def test_cli_refuses_a_bad_size_with_one_line(capsys):
-    assert main(["--image-size", "100"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--image-size" in err
+def test_cli_contract_one_line_exit_2():
+    result = subprocess.run([sys.executable, "-m", "vgg_dist.model", "--image-size", "100"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: --image-size must be a multiple of 32 and at least 32 (the model halves it five " \
+                            "times), got 100\n"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_parameter_count_without_building_the_model(arch, batch_norm):
+    spec = ModelSpec(arch=arch, batch_norm=batch_norm, width_divisor=8, image_size=64, hidden_size=48,
+                     num_classes=7, in_channels=3)
+    assert spec.parameter_count() == count_parameters(build_model(spec))
+    assert ModelSpec().parameter_count() == 43_093_322  # the chapter's model
+
+
+def test_a_spec_from_json_must_have_the_right_types():
+    with pytest.raises(ValueError, match="hidden_size must be int, got '64'"):
+        ModelSpec.from_dict({"hidden_size": "64"})
+    with pytest.raises(ValueError, match="batch_norm must be bool, got 1"):
+        ModelSpec.from_dict({"batch_norm": 1})
+    assert ModelSpec.from_dict({"dropout": 0}).dropout == 0
 
 
 def test_xavier_init_as_the_chapter():

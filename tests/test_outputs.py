@@ -1,16 +1,20 @@
 """What a user sees and keeps: progress, curves, TensorBoard, the per-class report, predict, config files."""
 
 import json
+import os
 import re
+import shutil
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_MODEL, TRAIN_SCRIPT, read_weights, run_bounded, train
-from vgg_dist import artifacts
+from conftest import TINY_MODEL, read_weights, run_bounded, run_main, train_here
+from vgg_dist import artifacts, evaluate
 from vgg_dist.data import to_model_input
 from vgg_dist.predict import main as predict_main
 
@@ -18,10 +22,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory, tiny_data):
-    run_dir, result = train(tmp_path_factory.mktemp("outputs"), tiny_data, *TINY_MODEL, "--epochs", "2",
-                            "--batch-size", "8", "--report-to", "tensorboard", "--progress", num_processes=2)
-    return run_dir, result
+def two_process_run(shared_run):
+    return shared_run
 
 
 def test_curves_are_written_as_real_pictures(two_process_run):
@@ -55,7 +57,8 @@ def test_tensorboard_events_hold_the_logged_scalars(two_process_run):
     assert len(event_files) == 1
     events = EventAccumulator(str(event_files[0].parent))
     events.Reload()
-    assert {"train/loss", "train/acc", "test/acc", "perf/examples_per_sec"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "test/loss", "test/acc",
+            "perf/examples_per_sec"} <= set(events.Tags()["scalars"])
     test_acc = [(event.step, event.value) for event in events.Scalars("test/acc")]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [step for step, _ in test_acc] == [1, 2]
@@ -67,11 +70,6 @@ def test_progress_bar_is_drawn_by_one_process_only(two_process_run):
     # Each bar draws its 0% state once when it opens; two processes drawing would show two.
     assert len(re.findall(r"train epoch 1/2:\s+0%", result.stdout)) == 1
     assert result.stdout.count("epoch 1/2: loss") == 1
-
-
-def test_no_progress_bar_when_output_is_not_a_terminal(tmp_path, tiny_data):
-    _, result = train(tmp_path, tiny_data, *TINY_MODEL, "--epochs", "1", "--batch-size", "16")
-    assert "train epoch" not in result.stdout and "epoch 1/1: loss" in result.stdout
 
 
 # ---- predict -----------------------------------------------------------------------------------------
@@ -94,8 +92,9 @@ def _expected_class(model, path: Path, image_size: int) -> int:
     with Image.open(path) as image:
         small = image.convert("L").resize((28, 28), Image.Resampling.BILINEAR)
     tensor = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8).view(1, 1, 28, 28)
-    with torch.no_grad():
-        return int(model(to_model_input(tensor, image_size)).argmax())
+    with torch.no_grad():  # the shared run evaluates with flip TTA, so predict does too
+        x = to_model_input(tensor, image_size)
+        return int((model(x).softmax(dim=1) + model(x.flip(-1)).softmax(dim=1)).argmax())
 
 
 def test_predict_matches_the_models_forward_pass(two_process_run, tmp_path, capsys):
@@ -111,13 +110,16 @@ def test_predict_matches_the_models_forward_pass(two_process_run, tmp_path, caps
         assert line["top"][0]["class"] == config["class_names"][line["top"][0]["index"]]
 
 
-def test_predict_console_script_prints_top_classes(two_process_run, tmp_path):
+def test_predict_console_script_prints_top_classes_or_one_error_line(two_process_run, tmp_path):
     run_dir, _ = two_process_run
     image = _write_images(tmp_path)["gray.png"]
     script = Path(sys.executable).parent / "vgg-dist-predict"
     result = run_bounded([str(script), "--checkpoint", str(run_dir), str(image)], timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{image}: ") and result.stdout.count(",") == 2
+    result = run_bounded([str(script), "--checkpoint", str(run_dir), str(tmp_path / "nowhere.png")], timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: {tmp_path / 'nowhere.png'}: file not found\n"
 
 
 @pytest.mark.parametrize("case", ["not an image", "missing image", "missing checkpoint"])
@@ -135,38 +137,82 @@ def test_predict_refuses_bad_input_with_one_line(two_process_run, tmp_path, caps
             "missing checkpoint": "--checkpoint"}[case] in err
 
 
-# ---- config files ----------------------------------------------------------------------------------
-
-def test_config_file_sets_defaults_and_flags_win(tmp_path, tiny_data):
-    config = tmp_path / "run.yaml"
-    config.write_text(f"data-dir: {tiny_data}\nepochs: 3\nbatch_size: 16\nimage_size: 32\nwidth_divisor: 16\n"
-                      f"hidden_size: 64\n")
-    result = run_bounded([sys.executable, TRAIN_SCRIPT, "--config", str(config), "--epochs", "1",
-                          "--output-dir", str(tmp_path / "run")], timeout=120)
-    assert result.returncode == 0, result.stderr
-    flags = json.loads((tmp_path / "run" / "config.json").read_text())["flags"]
-    assert flags["epochs"] == 1 and flags["batch_size"] == 16 and flags["image_size"] == 32
-
-
 def test_written_config_reproduces_the_run(tmp_path, tiny_data):
-    first, _ = train(tmp_path, tiny_data, *TINY_MODEL, "--epochs", "1", "--batch-size", "16", name="first")
-    result = run_bounded([sys.executable, TRAIN_SCRIPT, "--config", str(first / "train_config.yaml"),
-                          "--output-dir", str(tmp_path / "again")], timeout=120)
-    assert result.returncode == 0, result.stderr
-    ours, theirs = read_weights(tmp_path / "again"), read_weights(first)
+    first, _, _ = train_here(tmp_path, tiny_data, *TINY_MODEL, "--epochs", "1", "--batch-size", "16",
+                             "--recipe", "fast", "--warmup-epochs", "0", name="first")
+    again, _, _ = train_here(tmp_path, tiny_data, "--config", str(first / "train_config.yaml"), name="again")
+    ours, theirs = read_weights(again), read_weights(first)
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert json.loads((again / "config.json").read_text())["flags"]["recipe"] == "fast"
 
 
-@pytest.mark.parametrize("content, message", [
-    ("epochs: three\n", "epochs must be int"),
-    ("epoch: 3\n", "unknown setting 'epoch'"),
-    ("output_dir: runs/x\n", "output_dir is not part of a recipe"),
-    ("- 1\n- 2\n", "must be a mapping"),
-    ("epochs: [\n", "not readable YAML"),
-])
-def test_bad_config_file_is_refused(tmp_path, content, message):
-    config = tmp_path / "bad.yaml"
-    config.write_text(content)
-    result = run_bounded([sys.executable, TRAIN_SCRIPT, "--config", str(config)], timeout=60)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert f"--config {config}" in result.stderr and message in result.stderr
+# ---- files anyone can edit or point at: refused in one line -------------------------------------------
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height: enough for Pillow to measure it, nothing to decode."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return PNG_MAGIC + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_predict_refuses_a_decompression_bomb_and_a_fifo(two_process_run, tmp_path, capsys):
+    run_dir, _ = two_process_run
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(30000, 30000))
+    assert predict_main(["--checkpoint", str(run_dir), str(bomb)]) == 2
+    assert "too many pixels to decode safely" in capsys.readouterr().err
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    assert predict_main(["--checkpoint", str(run_dir), str(fifo)]) == 2  # would block forever if opened
+    assert capsys.readouterr().err == f"error: {fifo}: not a regular file\n"
+
+
+def test_predict_takes_a_checkpoint_directory(two_process_run, tmp_path, capsys):
+    run_dir, _ = two_process_run
+    image = _write_images(tmp_path)["gray.png"]
+    assert predict_main(["--checkpoint", str(run_dir / "checkpoints" / "best"), "--json", str(image)]) == 0
+    assert json.loads(capsys.readouterr().out)["image"] == str(image)
+
+
+EDITED_CONFIGS = {
+    "hidden size as text": (lambda c: c["model"].update(hidden_size="64"), "hidden_size must be int"),
+    "too few class names": (lambda c: c.update(class_names=["a", "b"]), "class_names must list 10 names"),
+    "absurd source size": (lambda c: c.update(source_image_size=[100000, 100000]), "source_image_size must be"),
+    "model of another size": (lambda c: c["model"].update(hidden_size=4096), "do not belong together"),
+    "no model": (lambda c: c.pop("model"), "has no 'model' section"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EDITED_CONFIGS))
+def test_an_edited_config_is_refused_by_evaluate_and_predict(two_process_run, tmp_path, capsys, case):
+    run_dir, _ = two_process_run
+    edit, message = EDITED_CONFIGS[case]
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes())
+    config = json.loads((run_dir / "config.json").read_text())
+    edit(config)
+    (copy / "config.json").write_text(json.dumps(config))
+    image = _write_images(tmp_path)["gray.png"]
+    for main, extra in ((predict_main, [str(image)]), (evaluate.main, [])):
+        code, _, stderr = run_main(main, ["--checkpoint", str(copy), *extra])
+        assert code == 2 and stderr.count("\n") == 1 and message in stderr, stderr
+
+
+def test_evaluate_refuses_a_flag_of_the_wrong_type_in_the_config(two_process_run, tmp_path):
+    run_dir, _ = two_process_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    config = json.loads((copy / "config.json").read_text())
+    config["flags"]["batch_size"] = "128"
+    (copy / "config.json").write_text(json.dumps(config))
+    code, _, stderr = run_main(evaluate.main, ["--checkpoint", str(copy)])
+    assert code == 2 and "the run's config says batch_size is '128'" in stderr
+    code, stdout, _ = run_main(evaluate.main, ["--checkpoint", str(copy), "--batch-size", "16"])
+    assert code == 0 and json.loads(stdout)["test_samples"] == 77
+
+
+def test_evaluate_contract_one_line_exit_2(tmp_path):
+    result = run_bounded([sys.executable, "-m", "vgg_dist.evaluate", "--checkpoint", str(tmp_path / "none")], timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: --checkpoint ") and result.stderr.count("\n") == 1

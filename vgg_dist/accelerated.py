@@ -8,6 +8,7 @@ one GPU, or many processes on many nodes. Nothing here knows about checkpoints o
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 
@@ -94,21 +95,28 @@ def make_loader(split: Split, batch_sampler, device: torch.device) -> torch.util
                                        generator=torch.Generator())
 
 
-def evaluate(accelerator: Accelerator, model, loader, image_size: int, num_classes: int,
-             channels_last: bool) -> tuple[list[list[int]], float]:
+def evaluate(accelerator: Accelerator, model, loader, image_size: int, num_classes: int, channels_last: bool,
+             tta: bool = False) -> tuple[list[list[int]], float]:
     """(confusion matrix [true][predicted], mean cross-entropy) over the whole test set, on every process.
 
     `gather_for_metrics` drops the samples Accelerate repeats to even out the last batch, so each test
-    image counts exactly once whatever the number of processes.
+    image counts exactly once whatever the number of processes. With `tta` the prediction is the mean
+    of the class probabilities for the image and for its mirror image.
     """
     model.eval()
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=accelerator.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    with torch.no_grad():
+    # The model may be one Accelerate did not prepare (an EMA copy): give it the run's autocast too.
+    with torch.no_grad(), accelerator.autocast():
         for images, labels in loader:
-            logits = model(to_model_input(images, image_size, channels_last))
-            losses = F.cross_entropy(logits.float(), labels, reduction="none")
-            predictions, labels, losses = accelerator.gather_for_metrics((logits.argmax(dim=1), labels, losses))
+            x = to_model_input(images, image_size, channels_last)
+            log_probabilities = F.log_softmax(model(x).float(), dim=1)
+            if tta:
+                mirrored = F.log_softmax(model(x.flip(-1)).float(), dim=1)
+                log_probabilities = torch.logsumexp(torch.stack([log_probabilities, mirrored]), dim=0) - math.log(2)
+            losses = F.nll_loss(log_probabilities, labels, reduction="none")
+            predictions = log_probabilities.argmax(dim=1)
+            predictions, labels, losses = accelerator.gather_for_metrics((predictions, labels, losses))
             confusion += torch.bincount(labels * num_classes + predictions, minlength=num_classes ** 2)
             loss_sum += losses.double().sum()
     matrix = confusion.view(num_classes, num_classes).tolist()

@@ -36,8 +36,8 @@ from vgg_dist.data import EpochBatchSampler, Split, load_dataset, to_model_input
 from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
 from vgg_dist.model import build_model
 from vgg_dist.synthetic import make_images
-from vgg_dist.training import (DeviceSums, NonFiniteWatch, Training, build_model_and_optimizer, maybe_compile,
-                               train_step)
+from vgg_dist.training import (DeviceSums, NonFiniteWatch, Training, build_model_and_optimizer, make_schedule,
+                               maybe_compile, train_step)
 
 
 # The loader alone is timed over this many batches per timed step: it is far faster than a step.
@@ -106,7 +106,7 @@ def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, wa
     model.train()
     results = {}
     for name, loader in zip(("warmup", "timed"), loaders):
-        t = Training(accelerator, model, optimizer, config, config.channels_last, Progress(),
+        t = Training(accelerator, model, optimizer, make_schedule(config, steps), config, Progress(),
                      DeviceSums(accelerator.device), NonFiniteWatch(accelerator.device))
         reset_peak_memory(accelerator.device)
         synchronize(accelerator.device)

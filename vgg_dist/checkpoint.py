@@ -39,7 +39,7 @@ CHECKPOINTS_DIR = "checkpoints"
 BEST_POINTER = "best.json"
 _NAME = re.compile(r"^step_(\d{7,})$")
 _TEMPORARY_PREFIX = ".tmp-"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: best_acc, the learning-rate schedule and EMA weights
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_MANIFEST_BYTES = 1 << 20
 
@@ -154,8 +154,8 @@ def save_checkpoint(checkpoints_dir: Path, global_step: int,
     return final
 
 
-def mark_best(checkpoints_dir: Path, path: Path, metric: float) -> None:
-    write_json(checkpoints_dir / BEST_POINTER, {"checkpoint": path.name, "test_acc": metric})
+def mark_best(checkpoints_dir: Path, path: Path, metric: str, value: float) -> None:
+    write_json(checkpoints_dir / BEST_POINTER, {"checkpoint": path.name, metric: value})
 
 
 def best_checkpoint(checkpoints_dir: Path) -> str | None:

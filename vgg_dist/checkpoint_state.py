@@ -21,11 +21,14 @@ import torch
 from vgg_dist import artifacts, checkpoint
 from vgg_dist.checkpoint import CheckpointError
 from vgg_dist.cli import flag
+from vgg_dist.ema import ModelEMA
 from vgg_dist.model import ModelSpec
+from vgg_dist.optim import LRSchedule
 
 # Flags that fix which images each step sees; a checkpoint only continues a run that agrees on them.
-DATA_ORDER_FLAGS = ("batch_size", "seed", "dataset", "max_train_samples")
+DATA_ORDER_FLAGS = ("batch_size", "seed", "dataset", "max_train_samples", "val_split")
 WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE = "model.safetensors", "optimizer.safetensors", "rng.safetensors"
+EMA_FILE = "ema.safetensors"  # only with --model-ema
 
 
 @dataclasses.dataclass
@@ -35,7 +38,7 @@ class Progress:
     epoch: int = 0          # the epoch in progress (0-based)
     step_in_epoch: int = 0  # optimizer steps already taken in it
     global_step: int = 0
-    best_test_acc: float | None = None
+    best_acc: float | None = None  # of the best epoch so far: validation accuracy with --val-split, else test
 
 
 @dataclasses.dataclass
@@ -81,7 +84,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], json_state: dict) -> None:
 
 def build(progress: Progress, sums: EpochSums, weights: dict[str, torch.Tensor], optimizer_state: dict,
           scaler_state: dict | None, every_rank_rng: list[tuple[dict, dict]], spec: ModelSpec,
-          flags: dict) -> tuple[dict[str, tuple[dict, dict]], dict]:
+          flags: dict, schedule: LRSchedule, ema_weights: dict[str, torch.Tensor] | None,
+          ) -> tuple[dict[str, tuple[dict, dict]], dict]:
     """(tensor files for `checkpoint.save_checkpoint`, state.json) from what the trainer gathered."""
     optimizer_structure, optimizer_tensors = checkpoint.split_tensors(optimizer_state, "optimizer")
     rng_tensors = {f"rank{rank}.{kind}": tensor for rank, (tensors, _) in enumerate(every_rank_rng)
@@ -92,6 +96,7 @@ def build(progress: Progress, sums: EpochSums, weights: dict[str, torch.Tensor],
         "partial_epoch_totals": sums.as_list(),  # reduced sums, so any world size can resume them
         "optimizer": optimizer_structure,
         "grad_scaler": scaler_state,
+        "lr_schedule": schedule.describe(),
         "rng": [json_state for _, json_state in every_rank_rng],
         "model": spec.to_dict(),
         "flags": flags,
@@ -100,6 +105,8 @@ def build(progress: Progress, sums: EpochSums, weights: dict[str, torch.Tensor],
     tensor_files = {WEIGHTS_FILE: (weights, artifacts.weights_metadata(spec)),
                     OPTIMIZER_FILE: (optimizer_tensors, {}),
                     RNG_FILE: (rng_tensors, {})}
+    if ema_weights is not None:
+        tensor_files[EMA_FILE] = (ema_weights, artifacts.weights_metadata(spec))
     return tensor_files, state
 
 
@@ -111,6 +118,7 @@ class Restored:
     progress: Progress
     sums: EpochSums
     weights: dict[str, torch.Tensor]
+    ema_weights: dict[str, torch.Tensor] | None
     optimizer_state: dict
     scaler_state: dict | None
     rng_tensors: dict[str, torch.Tensor] | None  # this rank's, when the saving run had this rank
@@ -126,7 +134,7 @@ def _number(value) -> bool:
 
 
 def read(path: Path, spec: ModelSpec, flags: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         process_index: int, steps_per_epoch: int) -> Restored:
+         schedule: LRSchedule, process_index: int, steps_per_epoch: int) -> Restored:
     """Verify a checkpoint completely and check that it continues this run; change nothing.
 
     Every field of state.json is checked for type, range and consistency with the model, the flags,
@@ -163,14 +171,16 @@ def read(path: Path, spec: ModelSpec, flags: dict, model: torch.nn.Module, optim
     if not _whole(world_size) or world_size < 1:
         raise refuse(f"world_size must be a positive integer, got {world_size!r}")
 
-    weights_path = path / WEIGHTS_FILE
-    metadata, layout = checkpoint.read_header(weights_path)
-    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
-    if {name: shape for name, (_, shape) in layout.items()} != expected:
-        raise CheckpointError(f"{weights_path}: tensor names or shapes do not match the model")
-    if artifacts.SPEC_METADATA_KEY not in metadata:
-        raise CheckpointError(f"{weights_path}: header has no model spec")
-    weights = checkpoint.load_tensors(weights_path)
+    if state.get("lr_schedule") != schedule.describe():
+        raise CheckpointError(f"{path}: follows the learning-rate schedule {state.get('lr_schedule')}, this run "
+                              f"{schedule.describe()}; pass the same --lr, --lr-schedule, --warmup-epochs and "
+                              f"--epochs so the resumed run continues the same curve")
+    has_ema = (path / EMA_FILE).exists()
+    if has_ema != flags["model_ema"]:
+        raise CheckpointError(f"{path}: was trained {'with' if has_ema else 'without'} --model-ema; resume "
+                              f"{'with' if has_ema else 'without'} it")
+    weights = _read_weights(path / WEIGHTS_FILE, model)
+    ema_weights = _read_weights(path / EMA_FILE, model) if has_ema else None
 
     try:
         optimizer_state = checkpoint.join_tensors(state.get("optimizer"),
@@ -196,10 +206,20 @@ def read(path: Path, spec: ModelSpec, flags: dict, model: torch.nn.Module, optim
                                   f"resuming would not continue the run exactly") from None
     saved_here = process_index < world_size
     prefix = f"rank{process_index}."
-    return Restored(path, progress, sums, weights, optimizer_state, scaler_state,
+    return Restored(path, progress, sums, weights, ema_weights, optimizer_state, scaler_state,
                     {key[len(prefix):]: value for key, value in rng_tensors_all.items() if key.startswith(prefix)}
                     if saved_here else None,
                     rng_json_all[process_index] if saved_here else None)
+
+
+def _read_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    metadata, layout = checkpoint.read_header(path)
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    if {name: shape for name, (_, shape) in layout.items()} != expected:
+        raise CheckpointError(f"{path}: tensor names or shapes do not match the model")
+    if artifacts.SPEC_METADATA_KEY not in metadata:
+        raise CheckpointError(f"{path}: header has no model spec")
+    return checkpoint.load_tensors(path)
 
 
 def _read_progress(values, refuse, steps_per_epoch: int, epochs: int) -> Progress:
@@ -209,9 +229,9 @@ def _read_progress(values, refuse, steps_per_epoch: int, epochs: int) -> Progres
     for name in ("epoch", "step_in_epoch", "global_step"):
         if not _whole(values[name]) or values[name] < 0:
             raise refuse(f"progress.{name} must be a whole number of at least 0, got {values[name]!r}")
-    best = values["best_test_acc"]
+    best = values["best_acc"]
     if best is not None and not (_number(best) and 0 <= best <= 1):
-        raise refuse(f"progress.best_test_acc must be null or in [0, 1], got {best!r}")
+        raise refuse(f"progress.best_acc must be null or in [0, 1], got {best!r}")
     progress = Progress(**values)
     if progress.step_in_epoch > steps_per_epoch:
         raise refuse(f"progress.step_in_epoch {progress.step_in_epoch} is beyond the {steps_per_epoch} steps "
@@ -269,9 +289,12 @@ def _check_rng(tensors: dict[str, torch.Tensor], json_state) -> None:
     np.random.RandomState().set_state(_numpy_state(json_state["numpy"]))
 
 
-def apply(restored: Restored, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler) -> None:
-    """Load a checked checkpoint into the bare model, the optimizer and the grad scaler."""
+def apply(restored: Restored, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler,
+          ema: ModelEMA | None) -> None:
+    """Load a checked checkpoint into the bare model, its EMA, the optimizer and the grad scaler."""
     model.load_state_dict(restored.weights)
+    if ema is not None:
+        ema.load_state_dict(restored.ema_weights)
     try:
         optimizer.load_state_dict(restored.optimizer_state)
     except (ValueError, KeyError, RuntimeError) as error:

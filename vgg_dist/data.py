@@ -10,10 +10,14 @@ import dataclasses
 import gzip
 import math
 import os
+import socket
 import struct
+import sys
+import urllib.parse
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -65,6 +69,12 @@ class Split:
         if count is None or count >= len(self):
             return self
         return Split(self.images[:count], self.labels[:count])
+
+    def split_off(self, fraction: float) -> tuple[Split, Split]:
+        """(the first images, the last `fraction` of them): a held-out set that is the same for every seed."""
+        held_out = round(len(self) * fraction)
+        kept = len(self) - held_out
+        return Split(self.images[:kept], self.labels[:kept]), Split(self.images[kept:], self.labels[kept:])
 
 
 @dataclasses.dataclass
@@ -157,10 +167,34 @@ def load_from_dir(data_dir: Path, dataset: str) -> ImageData:
     return ImageData(train, test, class_names, source=str(data_dir))
 
 
+HUB_ENDPOINT_VARIABLE, HUB_OFFLINE_VARIABLE = "HF_ENDPOINT", "HF_HUB_OFFLINE"
+HUB_PROBE_SECONDS = 5
+
+
+def hub_reachable() -> bool:
+    """Whether the Hub's host accepts a connection within a few seconds. Without this check an offline
+    machine spends half a minute in `datasets`' retries before it fails."""
+    endpoint = urllib.parse.urlparse(os.environ.get(HUB_ENDPOINT_VARIABLE, "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        return False
+    return True
+
+
 def load_from_hub(dataset: str) -> ImageData:
     """Download (or reuse the cached) dataset through `datasets`; import it only here so the rest of
-    vgg_dist works on machines without it."""
+    vgg_dist works on machines without it.
+
+    When the Hub cannot be reached, `datasets` is put in offline mode before it is imported, so a
+    cached copy still loads and a missing one fails at once.
+    """
     info = DATASETS[dataset]
+    offline = os.environ.get(HUB_OFFLINE_VARIABLE, "").upper() in ("1", "ON", "YES", "TRUE")
+    if not offline and "datasets" not in sys.modules and not hub_reachable():
+        os.environ[HUB_OFFLINE_VARIABLE] = "1"  # read by `datasets` when it is imported, just below
+        offline = True
     try:
         import datasets
         loaded = datasets.load_dataset(info.hub_id).with_format("numpy")
@@ -169,14 +203,22 @@ def load_from_hub(dataset: str) -> ImageData:
         raise UsageError(no_data_message(dataset, "the `datasets` package is not installed")) from None
     except Exception as error:  # offline, hub down, cache corrupt: all end the same way for the user
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(no_data_message(dataset, f"{info.hub_id} could not be loaded: {reason}")) from None
+        where = (f"the Hub is not reachable ({HUB_OFFLINE_VARIABLE}=1) and {info.hub_id} is not in the local cache"
+                 if offline else f"{info.hub_id} could not be loaded")
+        raise UsageError(no_data_message(dataset, f"{where} ({reason})")) from None
     splits = {}
     for name, column in columns.items():
-        images = torch.from_numpy(column["image"].astype("uint8"))
+        if "image" not in column or "label" not in column:
+            raise UsageError(f"{info.hub_id} ({name}): expected columns 'image' and 'label', found "
+                             f"{', '.join(column)}")
+        images = torch.from_numpy(np.asarray(column["image"]).astype("uint8"))
         if images.dim() != 3:
             raise UsageError(f"{info.hub_id} ({name}): expected grayscale images, got array shape "
                              f"{list(images.shape)}")
-        labels = torch.from_numpy(column["label"]).long()
+        labels = torch.from_numpy(np.asarray(column["label"])).long()
+        if len(labels) != len(images) or len(labels) == 0 or not 0 <= int(labels.min()) <= int(labels.max()) < len(info.class_names):
+            raise UsageError(f"{info.hub_id} ({name}): labels must be one per image, from 0 to "
+                             f"{len(info.class_names) - 1}")
         splits[name] = Split(images.unsqueeze(1), labels)
     return ImageData(splits["train"], splits["test"], info.class_names, source=f"hf://{info.hub_id}")
 

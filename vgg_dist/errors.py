@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import sys
+import time
 from typing import Callable
+
+from vgg_dist.preemption import STOP_SIGNALS
 
 EXIT_USAGE = 2       # a bad flag, file or checkpoint: the user's to fix, nothing to retry
 EXIT_DIVERGED = 3    # the loss became non-finite; no checkpoint holds the non-finite state
@@ -46,20 +50,37 @@ def exits_cleanly_on_stop(main: Callable[..., int]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs)
         except StopRun as stop:
+            label = "error" if isinstance(stop, (UsageError, Diverged)) else "stopped"
             if is_launcher_rank_zero():
-                label = "error" if isinstance(stop, (UsageError, Diverged)) else "stopped"
                 print(f"{label}: {stop}", file=sys.stderr, flush=True)
+            record_for_torchrun(f"{label}: {stop}")
             return stop.exit_code
 
     return wrapper
 
 
+def record_for_torchrun(message: str) -> None:
+    """Under torchrun (accelerate launch with several processes), leave the one-line message in the
+    worker's error file: torchrun then prints it as the "Root Cause" at the end of its failure report,
+    instead of the line being lost near the top of a long dump."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as handle:
+            json.dump({"message": message, "timestamp": int(time.time())}, handle)
+    except OSError:
+        pass  # the report is a courtesy; the exit code and the printed line still say what happened
+
+
 def exit_process(code: int) -> None:
-    """Exit with `code`. After a coordinated stop in a multi-process job every rank gets here at once;
-    torchrun SIGTERMs the ranks still alive when it sees the first one leave, so skip the interpreter's
-    teardown (which restores default signal handlers) and leave with our code straight away."""
+    """Exit with `code`, whatever arrives now: a stop signal after the run's last line is ignored, since
+    the interpreter's teardown would restore the default handlers and die of it (exit -15 for a run that
+    finished). After a coordinated stop in a multi-process job every rank gets here at once and torchrun
+    SIGTERMs the ranks still alive when it sees the first one leave, so those leave straight away."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
     if code != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -8,13 +8,12 @@ Print the chapter's per-block shape table for any configuration:
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import torch
 from torch import nn
 
 from vgg_dist.cli import FlagParser, flag
-from vgg_dist.errors import UsageError, exits_cleanly_on_stop
+from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
 
 # (number of 3x3 convs, output channels) per block; each block ends in a 2x2 max-pool.
 # vgg11 is the chapter's conv_arch; the others are Simonyan & Zisserman's configurations B, D and E.
@@ -70,6 +69,19 @@ class ModelSpec:
     @property
     def conv_arch(self) -> tuple[tuple[int, int], ...]:
         return tuple((convs, channels // self.width_divisor) for convs, channels in ARCHITECTURES[self.arch])
+
+    def parameter_count(self) -> int:
+        """Parameters of the model this spec builds, counted without building it (a typo such as
+        --hidden-size 1000000000000 must not allocate anything)."""
+        count, in_channels = 0, self.in_channels
+        for num_convs, out_channels in self.conv_arch:
+            for _ in range(num_convs):
+                # 3x3 kernel; then either a conv bias or BatchNorm's scale and shift (and no conv bias)
+                count += 9 * in_channels * out_channels + out_channels * (2 if self.batch_norm else 1)
+                in_channels = out_channels
+        flat = in_channels * (self.image_size // SIZE_STEP) ** 2
+        hidden = self.hidden_size
+        return count + (flat + 1) * hidden + (hidden + 1) * hidden + (hidden + 1) * self.num_classes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -180,4 +192,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

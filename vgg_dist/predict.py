@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +21,23 @@ import torch
 from vgg_dist import artifacts
 from vgg_dist.cli import FlagParser, check_positive
 from vgg_dist.data import to_model_input
-from vgg_dist.errors import UsageError, exits_cleanly_on_stop
+from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
 
 
 def load_image(path: Path, in_channels: int, source_size: tuple[int, int], invert: bool) -> torch.Tensor:
     """One file as uint8 [C, h, w] at the dataset's own resolution."""
     from PIL import Image, ImageOps, UnidentifiedImageError
+    if path.exists() and not path.is_file():  # a FIFO or device would block or never end
+        raise UsageError(f"{path}: not a regular file")
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image).convert("L" if in_channels == 1 else "RGB")
             image = image.resize((source_size[1], source_size[0]), Image.Resampling.BILINEAR, reducing_gap=None)
     except FileNotFoundError:
         raise UsageError(f"{path}: file not found") from None
+    except Image.DecompressionBombError:
+        raise UsageError(f"{path}: too many pixels to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,}); "
+                         f"shrink it first") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise UsageError(f"{path}: not a readable image ({str(error).splitlines()[0]})") from None
     if invert:
@@ -43,10 +47,15 @@ def load_image(path: Path, in_channels: int, source_size: tuple[int, int], inver
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
 
 
-def predict(model: torch.nn.Module, images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Class probabilities [N, classes] for uint8 images [N, C, h, w]."""
+def predict(model: torch.nn.Module, images: torch.Tensor, image_size: int, tta: bool = False) -> torch.Tensor:
+    """Class probabilities [N, classes] for uint8 images [N, C, h, w]; with `tta`, the mean of the
+    probabilities for each image and its mirror, as evaluation computes them."""
     with torch.no_grad():
-        return torch.softmax(model(to_model_input(images, image_size)), dim=1)
+        x = to_model_input(images, image_size)
+        probabilities = torch.softmax(model(x), dim=1)
+        if tta:
+            probabilities = (probabilities + torch.softmax(model(x.flip(-1)), dim=1)) / 2
+        return probabilities
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=3, help="how many classes to show per image")
     parser.add_argument("--invert", action="store_true", help="invert grey levels (dark object on light background)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average the predictions on each image and its mirror (default: as the run evaluated)")
     args = parser.parse_args(argv)
     check_positive("top_k", args.top_k)
     return args
@@ -72,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     source_size = tuple(run_config.get("source_image_size", (28, 28)))
     images = torch.stack([load_image(Path(path), spec["in_channels"], source_size, args.invert)
                           for path in args.images])
-    probabilities = predict(model, images, spec["image_size"])
+    tta = run_config.get("flags", {}).get("tta") is True if args.tta is None else args.tta
+    probabilities = predict(model, images, spec["image_size"], tta)
     top = probabilities.topk(min(args.top_k, probabilities.shape[1]), dim=1)
     for path, values, indices in zip(args.images, top.values.tolist(), top.indices.tolist()):
         ranked = [{"class": class_names[index], "index": index, "probability": value}
@@ -86,4 +98,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

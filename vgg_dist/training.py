@@ -8,6 +8,7 @@ loss is noted on the device too, until the processes next agree.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,14 +19,17 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
-from vgg_dist import checkpoint, checkpoint_state
+from vgg_dist import checkpoint, checkpoint_state, sync_batchnorm
 from vgg_dist.accelerated import NO_STEP, agree, evaluate, say, unwrapped_state_dict
+from vgg_dist.augment import Augmentation, BatchAugmenter
 from vgg_dist.checkpoint_state import EpochSums, Progress
 from vgg_dist.config import TrainConfig
 from vgg_dist.data import EpochBatchSampler, to_model_input
-from vgg_dist.errors import Diverged, Preempted
-from vgg_dist.metrics import accuracy
+from vgg_dist.ema import ModelEMA
+from vgg_dist.errors import Diverged, Preempted, UsageError
+from vgg_dist.metrics import accuracy, sample_count
 from vgg_dist.model import ModelSpec, build_model
+from vgg_dist.optim import LRSchedule, make_sgd, set_learning_rate
 from vgg_dist.preemption import StopRequest, requeue_slurm_job
 from vgg_dist.run_files import RunFiles
 
@@ -83,40 +87,83 @@ class Training:
     accelerator: Accelerator
     model: torch.nn.Module               # prepared: DDP, autocast, possibly compiled
     optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
     config: TrainConfig
-    channels_last: bool
     progress: Progress
     sums: DeviceSums
     watch: NonFiniteWatch
+    augment: BatchAugmenter | None = None
+    ema: ModelEMA | None = None
 
 
 def train_step(t: Training, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """One optimizer step on one batch, in the chapter's order."""
-    logits = t.model(to_model_input(images, t.config.image_size, t.channels_last))
-    loss = F.cross_entropy(logits, labels)
+    """One optimizer step on one batch: augment, forward, loss, backward, clip, step, average."""
+    progress, config = t.progress, t.config
+    if t.augment is not None:
+        images = t.augment(images, progress.epoch, progress.step_in_epoch)
+    logits = t.model(to_model_input(images, config.image_size, config.channels_last))
+    loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
     t.optimizer.zero_grad(set_to_none=True)
     t.accelerator.backward(loss)
+    if config.clip_grad_norm is not None:
+        t.accelerator.clip_grad_norm_(t.model.parameters(), config.clip_grad_norm)
+    set_learning_rate(t.optimizer, t.schedule(progress.global_step))
     t.optimizer.step()
-    t.progress.step_in_epoch += 1
-    t.progress.global_step += 1
+    progress.step_in_epoch += 1
+    progress.global_step += 1
+    if t.ema is not None:
+        t.ema.update(progress.global_step)
     t.sums.add(loss.detach(), logits.detach(), labels)
-    t.watch.record(loss.detach(), t.progress.global_step)
+    t.watch.record(loss.detach(), progress.global_step)
 
 
 def build_model_and_optimizer(accelerator: Accelerator, config: TrainConfig,
                               spec: ModelSpec) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The bare model (seeded first, so every process starts from the same weights) and its optimizer."""
+    check_fits_in_memory(spec, accelerator.device)
     set_seed(config.seed)
     model = build_model(spec)
+    if config.batch_norm and config.sync_bn and accelerator.num_processes > 1:
+        model = sync_batchnorm.synchronise(model, accelerator.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     on_gpu = accelerator.device.type == "cuda"
     if on_gpu:
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
-    # One fused kernel for the whole SGD update on the GPU instead of one per parameter.
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                **({"fused": True} if on_gpu else {"foreach": True}))
+    optimizer = make_sgd(model, config.lr, config.momentum, config.nesterov, config.weight_decay, fused=on_gpu)
     return model, optimizer
+
+
+# fp32 copies of every parameter while training: weights, gradients, momentum, and the EMA's weights.
+TRAINING_COPIES = 4
+
+
+def check_fits_in_memory(spec: ModelSpec, device: torch.device) -> None:
+    """Refuse a model whose parameters alone would not fit in the device's memory, before allocating it
+    (a --hidden-size typo should be one line, not an out-of-memory crash or a swapping machine)."""
+    parameters = spec.parameter_count()
+    needed = parameters * 4 * TRAINING_COPIES
+    if device.type == "cuda":
+        available = torch.cuda.get_device_properties(device).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise UsageError(f"the model has {parameters:,} parameters: training needs about {needed / 2**30:,.0f} GiB, "
+                         f"more than this {device.type.upper()}'s {available / 2**30:,.0f} GiB; lower --hidden-size, "
+                         f"--image-size or raise --width-divisor")
+
+
+def make_schedule(config: TrainConfig, steps_per_epoch: int) -> LRSchedule:
+    return LRSchedule(config.lr_schedule, config.lr, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+                      total_steps=config.epochs * steps_per_epoch)
+
+
+def make_augmenter(accelerator: Accelerator, config: TrainConfig) -> BatchAugmenter | None:
+    augmentation = Augmentation(config.random_crop_padding, config.hflip, config.random_erase)
+    if not augmentation:
+        return None
+    return BatchAugmenter(augmentation, accelerator.device, config.seed, accelerator.process_index,
+                          accelerator.num_processes, config.batch_size)
 
 
 def maybe_compile(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
@@ -126,11 +173,13 @@ def maybe_compile(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Modul
 
 @dataclasses.dataclass
 class Run:
-    """What the loop needs beyond a step: the data, where results go, and how it is asked to stop."""
+    """What the loop needs beyond a step: the data, the model to evaluate, where results go, and how it
+    is asked to stop."""
 
     train_loader: torch.utils.data.DataLoader
     train_sampler: EpochBatchSampler
-    test_loader: torch.utils.data.DataLoader
+    eval_loaders: dict[str, torch.utils.data.DataLoader]  # "val" (with --val-split) and "test"
+    eval_model: torch.nn.Module  # the trained model, or its EMA
     spec: ModelSpec
     run_dir: Path
     files: RunFiles | None  # on the global main process only
@@ -140,7 +189,7 @@ class Run:
 @dataclasses.dataclass
 class Result:
     last_epoch: dict           # the last metrics record ({} if nothing was trained)
-    confusion: list[list[int]] | None
+    confusion: list[list[int]] | None  # of the test set
     trained_samples: int
     train_seconds: float
 
@@ -174,7 +223,7 @@ def fit(t: Training, run: Run, resumed_sums: EpochSums | None = None) -> Result:
                 if accelerator.is_main_process and (bar is not None
                                                     or progress.step_in_epoch % curve_every < config.sync_every):
                     # The processes just synchronised, so reading the running sums costs no extra stall.
-                    point = curve_point(t.sums.local(), progress, steps_per_epoch)
+                    point = curve_point(t.sums.local(), progress, steps_per_epoch, t.schedule(progress.global_step - 1))
                     if bar is not None:
                         bar.set_postfix(loss=f"{point['train_loss']:.3f}", acc=f"{point['train_acc']:.3f}",
                                         refresh=False)
@@ -189,41 +238,50 @@ def fit(t: Training, run: Run, resumed_sums: EpochSums | None = None) -> Result:
         seconds = time.perf_counter() - started  # reducing waited for the device
         agree_then_checkpoint(t, run, checkpoint_due=False)
         started = time.perf_counter()
-        confusion, test_loss = evaluate(accelerator, t.model, run.test_loader, run.spec.image_size,
-                                        run.spec.num_classes, t.channels_last)
+        evaluations = {name: evaluate(accelerator, run.eval_model, loader, run.spec.image_size, run.spec.num_classes,
+                                      config.channels_last, tta=config.tta)
+                       for name, loader in run.eval_loaders.items()}
         eval_seconds = time.perf_counter() - started
+        confusion = evaluations["test"][0]
         test_acc = accuracy(confusion)
         steps_run = progress.step_in_epoch - first_step
         record = {"epoch": epoch + 1, "train_loss": sums.loss / sums.samples, "train_acc": sums.correct / sums.samples,
-                  "train_samples": int(sums.samples), "test_loss": test_loss, "test_acc": test_acc,
-                  "test_samples": sum(map(sum, confusion)),
-                  # Only this session's steps: an epoch resumed at its very end has no speed to report.
-                  "examples_per_sec": steps_run * config.batch_size / seconds if steps_run else None,
-                  "seconds": seconds, "eval_seconds": eval_seconds, "global_step": progress.global_step,
-                  # Per epoch, so a leak shows as growth from one line to the next.
-                  "peak_memory_bytes": (torch.cuda.max_memory_allocated(accelerator.device)
-                                        if accelerator.device.type == "cuda" else None)}
+                  "train_samples": int(sums.samples), "lr": t.schedule(progress.global_step - 1)}
+        for name, (matrix, loss) in evaluations.items():
+            record.update({f"{name}_loss": loss, f"{name}_acc": accuracy(matrix), f"{name}_samples": sample_count(matrix)})
+        record.update({
+            # Only this session's steps: an epoch resumed at its very end has no speed to report.
+            "examples_per_sec": steps_run * config.batch_size / seconds if steps_run else None,
+            "seconds": seconds, "eval_seconds": eval_seconds, "global_step": progress.global_step,
+            # Per epoch, so a leak shows as growth from one line to the next.
+            "peak_memory_bytes": (torch.cuda.max_memory_allocated(accelerator.device)
+                                  if accelerator.device.type == "cuda" else None)})
         result.trained_samples += steps_run * config.batch_size
         result.train_seconds += seconds if steps_run else 0.0
         speed = f", {record['examples_per_sec']:.1f} examples/sec" if steps_run else ""
+        val = f", val acc {record['val_acc']:.3f}" if "val_acc" in record else ""
         say(accelerator, f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.3f}, "
-                         f"train acc {record['train_acc']:.3f}, test acc {test_acc:.3f}{speed}")
+                         f"train acc {record['train_acc']:.3f}{val}, test acc {test_acc:.3f}{speed}")
         if run.files:
             run.files.add_epoch(record)
-        accelerator.log({"train/loss": record["train_loss"], "train/acc": record["train_acc"],
-                         "test/loss": test_loss, "test/acc": test_acc,
-                         **({"perf/examples_per_sec": record["examples_per_sec"]} if steps_run else {})},
+        accelerator.log({f"{split}/{metric}": record[f"{split}_{metric}"] for split in ("train", *evaluations)
+                         for metric in ("loss", "acc")}
+                        | {"train/lr": record["lr"]}
+                        | ({"perf/examples_per_sec": record["examples_per_sec"]} if steps_run else {}),
                         step=epoch + 1)
         result.last_epoch, result.confusion = record, confusion
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
-        is_best = progress.best_test_acc is None or test_acc > progress.best_test_acc
+        # The best checkpoint is chosen on the validation set when there is one, never on the test set then.
+        judged_on = "val" if "val_acc" in record else "test"
+        is_best = progress.best_acc is None or record[f"{judged_on}_acc"] > progress.best_acc
         if is_best:
-            progress.best_test_acc = test_acc
+            progress.best_acc = record[f"{judged_on}_acc"]
         if config.checkpoint_epochs:
             t.sums = DeviceSums(accelerator.device)  # a new epoch starts with nothing summed
             path = save_checkpoint(t, run)
             if is_best and accelerator.is_main_process:
-                checkpoint.mark_best(run.run_dir / checkpoint.CHECKPOINTS_DIR, path, test_acc)
+                checkpoint.mark_best(run.run_dir / checkpoint.CHECKPOINTS_DIR, path, f"{judged_on}_acc",
+                                     progress.best_acc)
     return result
 
 
@@ -248,9 +306,9 @@ def agree_then_checkpoint(t: Training, run: Run, checkpoint_due: bool) -> None:
                         f"checkpoint {path}; rerun with --resume auto to continue")
 
 
-def curve_point(sums: EpochSums, progress: Progress, steps_per_epoch: int) -> dict:
+def curve_point(sums: EpochSums, progress: Progress, steps_per_epoch: int, lr: float) -> dict:
     return {"epoch": progress.epoch + progress.step_in_epoch / steps_per_epoch, "global_step": progress.global_step,
-            "train_loss": sums.loss / sums.samples, "train_acc": sums.correct / sums.samples}
+            "train_loss": sums.loss / sums.samples, "train_acc": sums.correct / sums.samples, "lr": lr}
 
 
 def save_checkpoint(t: Training, run: Run) -> Path:
@@ -265,7 +323,7 @@ def save_checkpoint(t: Training, run: Run) -> Path:
         tensor_files, state = checkpoint_state.build(
             t.progress, sums, unwrapped_state_dict(accelerator, t.model), t.optimizer.state_dict(),
             accelerator.scaler.state_dict() if accelerator.scaler is not None else None, every_rank_rng,
-            run.spec, t.config.to_dict())
+            run.spec, t.config.to_dict(), t.schedule, t.ema.state_dict() if t.ema is not None else None)
         path = checkpoint.save_checkpoint(checkpoints_dir, t.progress.global_step, tensor_files, state)
         checkpoint.rotate(checkpoints_dir, t.config.keep_last)
     accelerator.wait_for_everyone()  # nobody goes on (or exits) before the checkpoint is committed

@@ -1,0 +1,69 @@
+"""SGD as torchvision's and timm's reference scripts set it up, and the learning rate at every step.
+
+The learning rate is a pure function of the global step (nanoGPT's `get_lr`), so a resumed run
+continues the same curve from its saved step: there is no scheduler object whose state could drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+SCHEDULES = ("constant", "cosine", "onecycle")
+
+
+def make_sgd(model: torch.nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float,
+             fused: bool) -> torch.optim.SGD:
+    """SGD over the model's parameters; weight decay only on weights, none on biases or BatchNorm
+    (one-dimensional parameters), as the reference recipes do. `fused`: one kernel for the whole
+    update on a GPU instead of one per parameter."""
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if weight_decay:
+        groups = [{"params": [p for p in parameters if p.dim() > 1], "weight_decay": weight_decay},
+                  {"params": [p for p in parameters if p.dim() <= 1], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": parameters}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
+                           **({"fused": True} if fused else {"foreach": True}))
+
+
+@dataclasses.dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate of each optimizer step.
+
+    constant   `peak` throughout (the chapter)
+    cosine     from `peak` down to 0 along half a cosine
+    onecycle   from `peak` straight down to 0 (Smith's one-cycle, its rising half being the warm-up)
+    Any of them may start with `warmup_steps` of linear rise from 0 to `peak`.
+    """
+
+    kind: str
+    peak: float
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        """The learning rate for the step with 0-based index `step`."""
+        if step < self.warmup_steps:
+            return self.peak * (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return self.peak
+        done = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        if self.kind == "cosine":
+            return self.peak * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+        return self.peak * max(0.0, 1.0 - done)
+
+    def describe(self) -> dict:
+        """What fixes the curve, for checkpoints: a resumed run must follow the same one. A constant
+        rate does not depend on the run's length, so `total_steps` is left out for it."""
+        described = dataclasses.asdict(self)
+        if self.kind == "constant":
+            del described["total_steps"]
+        return described
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

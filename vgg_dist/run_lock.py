@@ -1,0 +1,129 @@
+"""One writer per run directory: a lock file that a second run finds and refuses.
+
+The lock is `RUN_DIR/.vgg_dist.lock`, created with O_CREAT|O_EXCL (atomic on local filesystems and on
+NFS v3+, Lustre and GPFS), holding who took it. The holder touches it every HEARTBEAT_SECONDS. A lock
+is abandoned, and taken over, when
+  - its holder ran on this machine (same host and boot) and that process is gone, or
+  - its holder ran elsewhere and the heartbeat stopped STALE_AFTER_SECONDS ago (a process on another
+    node cannot be asked whether it is alive; a clock skew beyond that between nodes defeats this).
+A lock left by a killed run therefore blocks a run on the same machine not at all, and on another
+node for at most STALE_AFTER_SECONDS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+
+from vgg_dist.errors import UsageError
+
+LOCK_NAME = ".vgg_dist.lock"
+HEARTBEAT_SECONDS = 30
+STALE_AFTER_SECONDS = 300
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """When a process started (clock ticks since boot), so a reused process id is not taken for the holder."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class RunLock:
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.owner = {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
+                      "process_start": _process_start(os.getpid()), "token": secrets.token_hex(8),
+                      "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise UsageError naming the run that holds it."""
+        for _ in range(3):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                holder = self._read_holder()
+                if holder is not None and self._alive(holder):
+                    raise UsageError(f"--output-dir {self.path.parent} is in use by another run (pid "
+                                     f"{holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}); "
+                                     f"wait for it to end or choose another directory") from None
+                self._take_over_abandoned(holder)
+                continue
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(json.dumps(self.owner))
+                handle.flush()
+                os.fsync(handle.fileno())
+            self._heartbeat = threading.Thread(target=self._beat, name="vgg_dist-run-lock", daemon=True)
+            self._heartbeat.start()
+            return
+        raise UsageError(f"--output-dir {self.path.parent}: other runs keep taking its lock; choose another directory")
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock, if it is still ours."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+            self._heartbeat = None
+            holder = self._read_holder()
+            if holder is not None and holder.get("token") == self.owner["token"]:
+                self.path.unlink(missing_ok=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # the directory went away; nothing to keep fresh
+
+    def _read_holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            holder = {}  # written by a process that died mid-write, or not ours: judged by its age alone
+        return holder if isinstance(holder, dict) else {}
+
+    def _alive(self, holder: dict) -> bool:
+        same_machine = holder.get("host") == self.owner["host"] and holder.get("boot_id") == self.owner["boot_id"]
+        if same_machine and isinstance(holder.get("pid"), int):
+            return _process_start(holder["pid"]) == holder.get("process_start")
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return age < STALE_AFTER_SECONDS
+
+    def _take_over_abandoned(self, judged: dict | None) -> None:
+        """Move the abandoned lock aside, then make sure it was the one judged abandoned: if another run
+        replaced it in the meantime, put that run's lock back (a hard link fails if the name is taken)."""
+        aside = self.path.with_name(f"{LOCK_NAME}.abandoned-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            moved = {}
+        if judged and isinstance(moved, dict) and moved.get("token") != judged.get("token"):
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+        aside.unlink(missing_ok=True)
