@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import launch_command, run_bounded
+from conftest import launch_command, quiet_env, run_bounded
 
 TINY_BENCH = ["--image-size", "32", "--width-divisor", "16", "--batch-size", "16", "--steps", "3", "--warmup", "1"]
 
@@ -13,7 +13,7 @@ TINY_BENCH = ["--image-size", "32", "--width-divisor", "16", "--batch-size", "16
 def test_bench_times_baseline_vgg_dist_and_loader(tmp_path):
     out = tmp_path / "bench.json"
     result = run_bounded([sys.executable, "-m", "vgg_dist.bench", *TINY_BENCH, "--baseline-workers", "0",
-                          "--json", str(out)], timeout=300)
+                          "--json", str(out), "--profile", str(tmp_path / "profile.txt")], timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     for name in ("baseline", "vgg_dist", "loader"):
@@ -27,6 +27,8 @@ def test_bench_times_baseline_vgg_dist_and_loader(tmp_path):
     assert report["data"] == "synthetic 192x28x28 uint8"
     for line in ("baseline (chapter)", "vgg_dist loader only", "speedup vgg_dist / baseline", "peak memory"):
         assert line in result.stdout
+    profile = (tmp_path / "profile.txt").read_text()
+    assert "aten::convolution" in profile and "Self CPU time total" in profile
 
 
 def test_bench_under_two_processes(tmp_path):
@@ -44,9 +46,20 @@ def test_bench_refuses_bad_sizes(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_compile_really_compiles_the_timed_model(tmp_path):
-    out = tmp_path / "bench.json"
-    result = run_bounded([sys.executable, "-m", "vgg_dist.bench", *TINY_BENCH, "--skip-baseline", "--compile",
-                          "--json", str(out)], timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(out.read_text())["vgg_dist"]["compiled"] is True
+def test_compile_compiles_the_timed_model_and_a_second_run_reuses_the_cache(tmp_path):
+    # Two separate processes sharing only the per-user cache directory (XDG_CACHE_HOME here).
+    env = quiet_env(XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    reports = []
+    for attempt in ("first", "second"):
+        out = tmp_path / f"{attempt}.json"
+        result = run_bounded([sys.executable, "-m", "vgg_dist.bench", *TINY_BENCH, "--skip-baseline", "--compile",
+                              "--fused-pool", "--json", str(out)], timeout=600, env=env)
+        assert result.returncode == 0, result.stderr
+        reports.append(json.loads(out.read_text()))
+    first, second = (report["vgg_dist"] for report in reports)
+    assert first["compiled"] and second["compiled"] and reports[0]["fused_pool"]
+    assert first["compile_cache"]["dir"] == str(tmp_path / "cache" / "vgg_dist" / "torchinductor")
+    assert first["compile_cache"]["fx_graph_misses"] > 0 and first["compile_cache"]["fx_graph_hits"] == 0
+    assert second["compile_cache"]["fx_graph_hits"] > 0 and second["compile_cache"]["fx_graph_misses"] == 0
+    assert any((tmp_path / "cache" / "vgg_dist" / "torchinductor").iterdir())

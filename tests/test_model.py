@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from vgg_dist.model import ARCHITECTURES, ModelSpec, build_model, count_parameters, main, shape_table
+from vgg_dist.model import ARCHITECTURES, MaxPool2x2, ModelSpec, build_model, count_parameters, main, shape_table
 
 # The table d2l's VGG chapter prints for VGG-11 at full width and 224x224.
 CHAPTER_TABLE = [
@@ -116,3 +116,35 @@ def test_saved_names_are_the_plain_models_even_when_compiled():
     model = build_model(ModelSpec(width_divisor=16, image_size=32, hidden_size=16))
     compiled = torch.compile(accelerator.prepare(model), dynamic=False)  # never run: no compilation happens
     assert list(unwrapped_state_dict(accelerator, compiled)) == list(model.state_dict())
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fusable_pool_equals_maxpool_forward_and_backward_where_the_maximum_is_unique(layout):
+    # Distinct values (a permutation), so every window has one maximum; then ReLU in front, as in a block.
+    values = torch.randperm(2 * 8 * 12 * 16, generator=torch.Generator().manual_seed(0)).float() - 700
+    x = values.view(2, 8, 12, 16).contiguous(memory_format=layout)
+    ours_in, theirs_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, theirs = MaxPool2x2()(torch.relu(ours_in)), torch.nn.MaxPool2d(2)(torch.relu(theirs_in))
+    assert torch.equal(ours, theirs)
+    assert ours.is_contiguous(memory_format=layout)  # the next convolution gets the layout it wants
+    upstream = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1))
+    ours.backward(upstream)
+    theirs.backward(upstream)
+    assert torch.equal(ours_in.grad, theirs_in.grad)
+
+
+def test_fusable_pool_splits_the_gradient_of_tied_maxima():
+    x = torch.ones(1, 1, 2, 2, requires_grad=True)
+    MaxPool2x2()(x).sum().backward()
+    assert torch.equal(x.grad, torch.full((1, 1, 2, 2), 0.25))  # MaxPool2d would give 1 to the first
+
+
+def test_a_model_with_fusable_pools_is_the_same_model():
+    spec = ModelSpec(width_divisor=16, image_size=64, hidden_size=32, batch_norm=True)
+    torch.manual_seed(0)
+    plain = build_model(spec).eval()
+    torch.manual_seed(0)
+    fusable = build_model(spec, fusable_pool=True).eval()
+    assert list(plain.state_dict()) == list(fusable.state_dict())
+    x = torch.rand(3, 1, 64, 64)
+    assert torch.equal(plain(x), fusable(x))

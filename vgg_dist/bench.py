@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from vgg_dist.accelerated import agree, check_layout, finish, make_accelerator, make_loader
 from vgg_dist.checkpoint_state import Progress
 from vgg_dist.cli import FlagParser, check_positive
-from vgg_dist.config import TrainConfig
+from vgg_dist.config import COMPILE_MODES, TrainConfig
 from vgg_dist.data import EpochBatchSampler, Split, load_dataset, to_model_input
 from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
 from vgg_dist.model import build_model
 from vgg_dist.synthetic import make_images
-from vgg_dist.training import (DeviceSums, NonFiniteWatch, Training, build_model_and_optimizer, make_schedule,
-                               maybe_compile, train_step)
+from vgg_dist.training import (DeviceSums, NonFiniteWatch, Training, build_model_and_optimizer, compile_cache_dir,
+                               compiles, make_schedule, maybe_compile, train_step)
 
 
 # The loader alone is timed over this many batches per timed step: it is far faster than a step.
@@ -91,9 +91,11 @@ def time_baseline(split: Split, config: TrainConfig, device: torch.device, steps
     return {"images_per_sec": steps * config.batch_size / seconds, "seconds": seconds, "steps": steps}
 
 
-def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, warmup: int) -> dict:
+def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, warmup: int,
+                  profile: Path | None = None) -> dict:
     """vgg_dist's own `train_step` over a prepared model, optimizer and loader, agreeing across
-    processes every --sync-every steps as `fit` does."""
+    processes every --sync-every steps as `fit` does. With `profile`, a few more steps then run under
+    torch.profiler and its table of where the time went is written there."""
     model, optimizer = build_model_and_optimizer(accelerator, config, config.model_spec(1, 10))
     loaders = []
     for count in (warmup, steps):
@@ -102,7 +104,7 @@ def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, wa
         loaders.append(accelerator.prepare(make_loader(split.head(count * config.batch_size), sampler,
                                                        accelerator.device)))
     model, optimizer = accelerator.prepare(model, optimizer)
-    model = maybe_compile(model, config)  # as the trainer does; the warm-up pays for compiling
+    model = maybe_compile(model, config, accelerator.device)  # as the trainer does; the warm-up pays for compiling
     model.train()
     results = {}
     for name, loader in zip(("warmup", "timed"), loaders):
@@ -120,8 +122,38 @@ def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, wa
         results[name] = {"images_per_sec": t.progress.global_step * config.batch_size / seconds, "seconds": seconds,
                          "steps": t.progress.global_step}
     results["timed"]["peak_memory_bytes"] = peak_memory(accelerator.device)
+    if profile is not None:
+        write_profile(t, loaders[0], profile)
     results["timed"]["compiled"] = hasattr(model, "_orig_mod")  # what really ran, not the flag
+    results["timed"]["warmup_seconds"] = results["warmup"]["seconds"]  # compilation included
+    if results["timed"]["compiled"]:
+        results["timed"]["compile_cache"] = compile_cache_report()
     return results["timed"]
+
+
+def write_profile(t: Training, loader, path: Path) -> None:
+    """Profile the warm-up loader's steps again (already compiled) and write the top operators and
+    kernels by device time (CPU time without a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    on_gpu = t.accelerator.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as profiler:
+        for images, labels in loader:
+            train_step(t, images, labels)
+        synchronize(t.accelerator.device)
+    table = profiler.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=40)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table + "\n")
+
+
+def compile_cache_report() -> dict:
+    """Where torch.compile cached its work, and how often this process found it there."""
+    from torch._dynamo.utils import counters
+    return {"dir": str(compile_cache_dir()),
+            "fx_graph_hits": counters["inductor"]["fxgraph_cache_hit"],
+            "fx_graph_misses": counters["inductor"]["fxgraph_cache_miss"],
+            "autograd_hits": counters["aot_autograd"]["autograd_cache_hit"],
+            "autograd_misses": counters["aot_autograd"]["autograd_cache_miss"]}
 
 
 def time_loader(accelerator, split: Split, config: TrainConfig, steps: int) -> dict:
@@ -170,11 +202,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline-workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader workers for the baseline (the chapter uses 4)")
     parser.add_argument("--skip-baseline", action="store_true", help="time vgg_dist and its loader only")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="torch.compile vgg_dist's model")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile vgg_dist's model (default: as training does, on with a GPU)")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile's mode")
+    parser.add_argument("--fused-pool", action="store_true",
+                        help="max-pools as reshape + max, for torch.compile to fuse with the ReLU")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="NHWC activations for vgg_dist")
     parser.add_argument("--json", default=None, help="where to write the results (default: runs/bench-<time>.json)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                        help="also profile the warm-up's steps again and write torch.profiler's table here")
     args = parser.parse_args(argv)
     for name in ("image_size", "batch_size", "width_divisor", "steps"):
         check_positive(name, getattr(args, name))
@@ -188,7 +225,8 @@ def format_table(result: dict) -> str:
             ("vgg_dist loader only", result["loader"])]
     lines = [f"device {result['device_name']} ({result['device']}), torch {result['torch']}, "
              f"precision {result['precision']}, {result['processes']} process(es), image {result['image_size']}, "
-             f"global batch {result['batch_size']}, compile {result['compile']}, channels_last {result['channels_last']}",
+             f"global batch {result['batch_size']}, compile {result['compile']} ({result['compile_mode']}), "
+             f"fused pool {result['fused_pool']}, channels_last {result['channels_last']}",
              f"{'measurement':<24}{'images/s':>12}{'seconds':>10}"]
     for name, row in rows:
         if row:
@@ -197,7 +235,8 @@ def format_table(result: dict) -> str:
         lines.append(f"speedup vgg_dist / baseline: {result['speedup']:.2f}x")
     lines.append(f"loader / vgg_dist step: {result['loader_headroom']:.1f}x "
                  f"(loading is {100 / result['loader_headroom']:.1f}% of step time)")
-    lines.append(f"peak memory: {result['vgg_dist']['peak_memory_bytes'] / 2**20:.0f} MiB")
+    lines.append(f"peak memory: {result['vgg_dist']['peak_memory_bytes'] / 2**20:.0f} MiB; warm-up steps "
+                 f"{result['vgg_dist']['warmup_seconds']:.1f} s (compilation included)")
     return "\n".join(lines)
 
 
@@ -205,7 +244,8 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = TrainConfig(image_size=args.image_size, batch_size=args.batch_size, width_divisor=args.width_divisor,
-                         compile=args.compile, channels_last=args.channels_last)
+                         compile=args.compile, compile_mode=args.compile_mode, fused_pool=args.fused_pool,
+                         channels_last=args.channels_last)
     config.model_spec(1, 10).check()
     accelerator = make_accelerator()
     check_layout(accelerator, config.batch_size)
@@ -227,13 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "precision": accelerator.mixed_precision,
         "processes": accelerator.num_processes, "image_size": args.image_size, "batch_size": args.batch_size,
         "width_divisor": args.width_divisor, "steps": args.steps, "warmup": args.warmup,
-        "compile": args.compile, "channels_last": config.channels_last,
+        "compile": compiles(config, accelerator.device), "compile_mode": args.compile_mode,
+        "fused_pool": args.fused_pool, "channels_last": config.channels_last,
         "data": args.data_dir or f"synthetic {len(split)}x28x28 uint8", "command": " ".join(sys.argv),
     }
     if not args.skip_baseline and accelerator.num_processes == 1:
         result["baseline"] = time_baseline(split, config, accelerator.device, args.steps, args.warmup,
                                            args.baseline_workers)
-    result["vgg_dist"] = time_vgg_dist(accelerator, split, config, args.steps, args.warmup)
+    result["vgg_dist"] = time_vgg_dist(accelerator, split, config, args.steps, args.warmup,
+                                       args.profile if accelerator.is_main_process else None)
     result["loader"] = time_loader(accelerator, split, config, args.steps * LOADER_STEPS_PER_STEP)
     result["speedup"] = (result["vgg_dist"]["images_per_sec"] / result["baseline"]["images_per_sec"]
                          if "baseline" in result else None)

@@ -143,11 +143,31 @@ def read(path: Path, spec: ModelSpec, flags: dict, model: torch.nn.Module, optim
     path = Path(path)
     checkpoint.verify(path)
     state = checkpoint.read_state(path)
-    where = path / checkpoint.STATE
 
     def refuse(problem: str) -> CheckpointError:
-        return CheckpointError(f"{where}: {problem}")
+        return CheckpointError(f"{path / checkpoint.STATE}: {problem}")
 
+    _check_same_run(path, state, refuse, spec, flags, schedule)
+    progress = _read_progress(state.get("progress"), refuse, steps_per_epoch, flags["epochs"])
+    sums = _read_sums(state.get("partial_epoch_totals"), refuse, progress.step_in_epoch * flags["batch_size"])
+    weights = _read_weights(path / WEIGHTS_FILE, model)
+    ema_weights = _read_weights(path / EMA_FILE, model) if flags["model_ema"] else None
+    try:
+        optimizer_state = checkpoint.join_tensors(state.get("optimizer"),
+                                                  checkpoint.load_tensors(path / OPTIMIZER_FILE))
+        _check_optimizer_state(optimizer_state, optimizer)
+    except (ValueError, TypeError, KeyError) as error:
+        raise refuse(f"optimizer state does not fit this optimizer ({error})") from None
+    scaler_state = state.get("grad_scaler")
+    if scaler_state is not None and not isinstance(scaler_state, dict):
+        raise refuse("grad_scaler must be a mapping or null")
+    every_rng = _read_every_rank_rng(path, state, refuse)
+    mine = every_rng[process_index] if process_index < len(every_rng) else (None, None)
+    return Restored(path, progress, sums, weights, ema_weights, optimizer_state, scaler_state, *mine)
+
+
+def _check_same_run(path: Path, state: dict, refuse, spec: ModelSpec, flags: dict, schedule: LRSchedule) -> None:
+    """The checkpoint continues this run: the same model, data order, learning-rate curve and EMA."""
     try:
         saved_spec = ModelSpec.from_dict(state.get("model"))
     except ValueError as error:
@@ -164,13 +184,6 @@ def read(path: Path, spec: ModelSpec, flags: dict, model: torch.nn.Module, optim
         if saved_flags.get(name) != flags[name]:
             raise CheckpointError(f"{path}: was trained with {flag(name)} {saved_flags.get(name)}, not "
                                   f"{flags[name]}; the data order would change, so pass the same value")
-
-    progress = _read_progress(state.get("progress"), refuse, steps_per_epoch, flags["epochs"])
-    sums = _read_sums(state.get("partial_epoch_totals"), refuse, progress.step_in_epoch * flags["batch_size"])
-    world_size = state.get("world_size")
-    if not _whole(world_size) or world_size < 1:
-        raise refuse(f"world_size must be a positive integer, got {world_size!r}")
-
     if state.get("lr_schedule") != schedule.describe():
         raise CheckpointError(f"{path}: follows the learning-rate schedule {state.get('lr_schedule')}, this run "
                               f"{schedule.describe()}; pass the same --lr, --lr-schedule, --warmup-epochs and "
@@ -179,37 +192,29 @@ def read(path: Path, spec: ModelSpec, flags: dict, model: torch.nn.Module, optim
     if has_ema != flags["model_ema"]:
         raise CheckpointError(f"{path}: was trained {'with' if has_ema else 'without'} --model-ema; resume "
                               f"{'with' if has_ema else 'without'} it")
-    weights = _read_weights(path / WEIGHTS_FILE, model)
-    ema_weights = _read_weights(path / EMA_FILE, model) if has_ema else None
 
-    try:
-        optimizer_state = checkpoint.join_tensors(state.get("optimizer"),
-                                                  checkpoint.load_tensors(path / OPTIMIZER_FILE))
-        _check_optimizer_state(optimizer_state, optimizer)
-    except (ValueError, TypeError, KeyError) as error:
-        raise refuse(f"optimizer state does not fit this optimizer ({error})") from None
-    scaler_state = state.get("grad_scaler")
-    if scaler_state is not None and not isinstance(scaler_state, dict):
-        raise refuse("grad_scaler must be a mapping or null")
 
-    rng_tensors_all = checkpoint.load_tensors(path / RNG_FILE)
-    rng_json_all = state.get("rng")
-    if not isinstance(rng_json_all, list) or len(rng_json_all) != world_size:
+def _read_every_rank_rng(path: Path, state: dict, refuse) -> list[tuple[dict[str, torch.Tensor], dict]]:
+    """(tensor states, JSON states) of every rank that saved, each checked by loading it into scratch
+    generators: a resume that could not continue every stream exactly is refused."""
+    world_size = state.get("world_size")
+    if not _whole(world_size) or world_size < 1:
+        raise refuse(f"world_size must be a positive integer, got {world_size!r}")
+    json_states = state.get("rng")
+    if not isinstance(json_states, list) or len(json_states) != world_size:
         raise refuse(f"'rng' must hold one entry per rank ({world_size})")
+    tensors = checkpoint.load_tensors(path / RNG_FILE)
+    every_rank = []
     for rank in range(world_size):
-        mine = {key.split(".", 1)[1]: value for key, value in rng_tensors_all.items()
-                if key.startswith(f"rank{rank}.")}
+        prefix = f"rank{rank}."
+        mine = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
         try:
-            _check_rng(mine, rng_json_all[rank])
+            _check_rng(mine, json_states[rank])
         except (ValueError, TypeError, KeyError, RuntimeError, IndexError) as error:
             raise CheckpointError(f"{path}: random generator state of rank {rank} is unusable ({error}); "
                                   f"resuming would not continue the run exactly") from None
-    saved_here = process_index < world_size
-    prefix = f"rank{process_index}."
-    return Restored(path, progress, sums, weights, ema_weights, optimizer_state, scaler_state,
-                    {key[len(prefix):]: value for key, value in rng_tensors_all.items() if key.startswith(prefix)}
-                    if saved_here else None,
-                    rng_json_all[process_index] if saved_here else None)
+        every_rank.append((mine, json_states[rank]))
+    return every_rank
 
 
 def _read_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:

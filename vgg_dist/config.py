@@ -23,6 +23,7 @@ from vgg_dist.run_files import TRAIN_CONFIG_NAME
 MAX_SEED = 2 ** 32 - 1           # NumPy's seeds are 32-bit
 MAX_DIST_TIMEOUT = 7 * 24 * 3600  # a week: beyond it a collective is not waiting, it is lost
 MAX_CROP_PADDING = 16
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MAX_LR = 3.4028234663852886e38   # the optimizer multiplies float32 gradients by it
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -83,7 +84,13 @@ class TrainConfig:
     model_ema_decay: float = _field(0.999, "decay of --model-ema per step")
     tta: bool = _field(False, "test-time augmentation: average the predictions on each image and its mirror")
     # Speed
-    compile: bool = _field(False, "torch.compile the model (compiles once for training, once for evaluation)")
+    compile: bool | None = _field(None, "torch.compile the model, training and evaluation (default: on with a GPU, "
+                                        "where it measured 1.4x faster per epoch, off on a CPU, where it "
+                                        "measured 10% slower; see BENCHMARKS.md)")
+    compile_mode: str = _field("default", "torch.compile's mode; reduce-overhead replays the compiled steps as "
+                                          "CUDA graphs", choices=COMPILE_MODES)
+    fused_pool: bool = _field(False, "write each 2x2 max-pool as a reshape and a max, which torch.compile fuses "
+                                     "with the ReLU before it (same outputs as nn.MaxPool2d)")
     channels_last: bool = _field(True, "NHWC activations: cuDNN's tensor-core kernels want them, and on "
                                        "the CPU oneDNN ran this model 1.5x faster with them (BENCHMARKS.md)")
     ddp_bf16_grads: bool = _field(False, "all-reduce gradients in bf16 (DDP comm hook): half the traffic, "

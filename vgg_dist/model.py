@@ -102,7 +102,26 @@ class ModelSpec:
         return cls(**values)
 
 
-def vgg_block(num_convs: int, in_channels: int, out_channels: int, batch_norm: bool = False) -> nn.Sequential:
+class MaxPool2x2(nn.Module):
+    """nn.MaxPool2d(2) written as a reshape and a max over each 2x2 window, for torch.compile.
+
+    The compiler fuses it with the ReLU before it (and both backwards) into one pass over the largest
+    activations, where MaxPool2d stays a separate kernel. The forward output is identical to
+    MaxPool2d's. Gradients are too wherever a window has one maximum; in a window of tied maxima
+    (a flat background) MaxPool2d sends the whole gradient to the first one and this splits it evenly,
+    which is an equally valid gradient of the same function.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        if x.is_contiguous(memory_format=torch.channels_last):  # stay NHWC for the next convolution
+            windows = x.permute(0, 2, 3, 1).reshape(batch, height // 2, 2, width // 2, 2, channels)
+            return windows.amax(dim=(2, 4)).permute(0, 3, 1, 2)
+        return x.reshape(batch, channels, height // 2, 2, width // 2, 2).amax(dim=(3, 5))
+
+
+def vgg_block(num_convs: int, in_channels: int, out_channels: int, batch_norm: bool = False,
+              fusable_pool: bool = False) -> nn.Sequential:
     """`num_convs` 3x3 same-padding convolutions with ReLU, then a 2x2 max-pool that halves the image."""
     layers: list[nn.Module] = []
     for _ in range(num_convs):
@@ -112,11 +131,11 @@ def vgg_block(num_convs: int, in_channels: int, out_channels: int, batch_norm: b
             layers.append(nn.BatchNorm2d(out_channels))
         layers.append(nn.ReLU())
         in_channels = out_channels
-    layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    layers.append(MaxPool2x2() if fusable_pool else nn.MaxPool2d(kernel_size=2, stride=2))
     return nn.Sequential(*layers)
 
 
-def build_model(spec: ModelSpec) -> nn.Sequential:
+def build_model(spec: ModelSpec, fusable_pool: bool = False) -> nn.Sequential:
     """The chapter's `vgg(conv_arch)`: conv blocks, then three fully connected layers, Xavier-initialised.
 
     A flat Sequential like the chapter's, so its parameter names (`0.0.weight`, ... `11.bias`) and the
@@ -128,7 +147,7 @@ def build_model(spec: ModelSpec) -> nn.Sequential:
     blocks = []
     in_channels = spec.in_channels
     for num_convs, out_channels in spec.conv_arch:
-        blocks.append(vgg_block(num_convs, in_channels, out_channels, spec.batch_norm))
+        blocks.append(vgg_block(num_convs, in_channels, out_channels, spec.batch_norm, fusable_pool))
         in_channels = out_channels
     side = spec.image_size // SIZE_STEP
     model = nn.Sequential(

@@ -36,8 +36,8 @@ from vgg_dist.model import ModelSpec, count_parameters
 from vgg_dist.preemption import StopRequest
 from vgg_dist.run_dir import hold_run_dir, resolve_resume
 from vgg_dist.run_files import RunFiles
-from vgg_dist.training import (DeviceSums, NonFiniteWatch, Result, Run, Training, build_model_and_optimizer, fit,
-                               make_augmenter, make_schedule, maybe_compile)
+from vgg_dist.training import (DeviceSums, NonFiniteWatch, Result, Run, Training, build_model_and_optimizer,
+                               compile_cache_dir, compiles, fit, make_augmenter, make_schedule, maybe_compile)
 
 # Dropout streams after a resume on more processes than were saved: a fresh seed per start step,
 # spaced by a prime so that nearby steps never share one.
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_loaders = dict(zip(eval_loaders, prepared))
         if ema is not None:
             ema.module.to(accelerator.device)
-        model = maybe_compile(model, config)
+        model = maybe_compile(model, config, accelerator.device)
         if restored and restored.rng_tensors is not None:
             checkpoint_state.set_rng_state(restored.rng_tensors, restored.rng_json)
         else:
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
         training = Training(accelerator, model, optimizer, schedule, config, progress, DeviceSums(accelerator.device),
                             NonFiniteWatch(accelerator.device), make_augmenter(accelerator, config), ema)
-        run = Run(train_loader, train_sampler, eval_loaders, maybe_compile(ema.module, config) if ema else model,
+        run = Run(train_loader, train_sampler, eval_loaders,
+                  maybe_compile(ema.module, config, accelerator.device) if ema else model,
                   spec, run_dir, files, stop)
         result = fit(training, run, resumed_sums=restored.sums if restored else None)
         save_results(accelerator, training, run, result, run_info, list(data.class_names))
@@ -148,6 +149,7 @@ def describe_run(accelerator: Accelerator, config: TrainConfig, spec: ModelSpec,
         "test_samples": len(splits["test"]),
         "flags": {**config.to_dict(), "output_dir": str(run_dir)},  # the directory chosen, even by default
         "launch": {"num_processes": accelerator.num_processes, "device": accelerator.device.type,
+                   "compiled": compiles(config, accelerator.device),
                    "nodes": node_count(layout), "mixed_precision": accelerator.mixed_precision,
                    "backend": accelerator.state.backend, "ranks": layout},
         "resumed_from": str(restored.path) if restored else None,
@@ -185,6 +187,8 @@ def run_header(accelerator: Accelerator, config: TrainConfig, spec: ModelSpec, m
                run_dir: Path, layout: list[dict]) -> str:
     processes, nodes = accelerator.num_processes, node_count(layout)
     ranks = ", ".join(f"{entry['rank']}:node{entry['node']}/{entry['device']}" for entry in layout)
+    execution = (f"torch.compile mode {config.compile_mode} (cache {compile_cache_dir()})"
+                 if compiles(config, accelerator.device) else "eager")
     return (f"vgg_dist: recipe {config.recipe}, {spec.arch} / {spec.width_divisor}"
             f"{' with BatchNorm' if spec.batch_norm else ''}, {count_parameters(model):,} parameters, "
             f"{spec.image_size}x{spec.image_size} input\n"
@@ -192,7 +196,7 @@ def run_header(accelerator: Accelerator, config: TrainConfig, spec: ModelSpec, m
             f"process{'es' if processes // nodes > 1 else ''} per node, backend "
             f"{accelerator.state.backend or 'none'}, ranks {ranks}\n"
             f"  global batch {config.batch_size} = {processes} x {config.batch_size // processes} per process, "
-            f"mixed precision {accelerator.mixed_precision}\n"
+            f"mixed precision {accelerator.mixed_precision}, {execution}\n"
             f"  run directory {run_dir}")
 
 

@@ -122,7 +122,7 @@ def build_model_and_optimizer(accelerator: Accelerator, config: TrainConfig,
     """The bare model (seeded first, so every process starts from the same weights) and its optimizer."""
     check_fits_in_memory(spec, accelerator.device)
     set_seed(config.seed)
-    model = build_model(spec)
+    model = build_model(spec, fusable_pool=config.fused_pool)
     if config.batch_norm and config.sync_bn and accelerator.num_processes > 1:
         model = sync_batchnorm.synchronise(model, accelerator.device)
     if config.channels_last:
@@ -166,9 +166,30 @@ def make_augmenter(accelerator: Accelerator, config: TrainConfig) -> BatchAugmen
                           accelerator.num_processes, config.batch_size)
 
 
-def maybe_compile(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+COMPILE_CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def compiles(config: TrainConfig, device: torch.device) -> bool:
+    """--compile as given, or by default on GPUs only (BENCHMARKS.md has the measurements behind this)."""
+    return config.compile if config.compile is not None else device.type == "cuda"
+
+
+def compile_cache_dir() -> Path:
+    """Where torch.compile keeps its compiled graphs and kernels, so a second run does not compile again:
+    $TORCHINDUCTOR_CACHE_DIR if set, else a per-user cache (Inductor's own default is under /tmp, which
+    clusters often clear at the end of every job)."""
+    if COMPILE_CACHE_VARIABLE not in os.environ:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ[COMPILE_CACHE_VARIABLE] = str(base / "vgg_dist" / "torchinductor")
+    return Path(os.environ[COMPILE_CACHE_VARIABLE])
+
+
+def maybe_compile(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    if not compiles(config, device):
+        return model
+    compile_cache_dir()
     # dynamic=False: batches are always full (Accelerate evens out the last one), so shapes never change.
-    return torch.compile(model, dynamic=False) if config.compile else model
+    return torch.compile(model, dynamic=False, mode=None if config.compile_mode == "default" else config.compile_mode)
 
 
 @dataclasses.dataclass
@@ -197,7 +218,6 @@ class Result:
 def fit(t: Training, run: Run, resumed_sums: EpochSums | None = None) -> Result:
     accelerator, config, progress = t.accelerator, t.config, t.progress
     steps_per_epoch = run.train_sampler.full_length()
-    curve_every = max(1, steps_per_epoch // CURVE_POINTS_PER_EPOCH)
     show_bar = accelerator.is_main_process and (sys.stdout.isatty() if config.progress is None else config.progress)
     result = Result({}, None, 0, 0.0)
 
@@ -220,15 +240,7 @@ def fit(t: Training, run: Run, resumed_sums: EpochSums | None = None) -> Result:
             checkpoint_due = bool(config.checkpoint_every) and progress.global_step % config.checkpoint_every == 0
             if checkpoint_due or progress.global_step % config.sync_every == 0:
                 agree_then_checkpoint(t, run, checkpoint_due)  # raises Diverged or Preempted
-                if accelerator.is_main_process and (bar is not None
-                                                    or progress.step_in_epoch % curve_every < config.sync_every):
-                    # The processes just synchronised, so reading the running sums costs no extra stall.
-                    point = curve_point(t.sums.local(), progress, steps_per_epoch, t.schedule(progress.global_step - 1))
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{point['train_loss']:.3f}", acc=f"{point['train_acc']:.3f}",
-                                        refresh=False)
-                    if progress.step_in_epoch % curve_every < config.sync_every:
-                        run.files.add_curve_point(point)
+                show_progress(t, run, bar, steps_per_epoch)
         if bar is not None:
             bar.close()
 
@@ -237,39 +249,12 @@ def fit(t: Training, run: Run, resumed_sums: EpochSums | None = None) -> Result:
         sums = t.sums.reduced(accelerator)
         seconds = time.perf_counter() - started  # reducing waited for the device
         agree_then_checkpoint(t, run, checkpoint_due=False)
-        started = time.perf_counter()
-        evaluations = {name: evaluate(accelerator, run.eval_model, loader, run.spec.image_size, run.spec.num_classes,
-                                      config.channels_last, tta=config.tta)
-                       for name, loader in run.eval_loaders.items()}
-        eval_seconds = time.perf_counter() - started
-        confusion = evaluations["test"][0]
-        test_acc = accuracy(confusion)
         steps_run = progress.step_in_epoch - first_step
-        record = {"epoch": epoch + 1, "train_loss": sums.loss / sums.samples, "train_acc": sums.correct / sums.samples,
-                  "train_samples": int(sums.samples), "lr": t.schedule(progress.global_step - 1)}
-        for name, (matrix, loss) in evaluations.items():
-            record.update({f"{name}_loss": loss, f"{name}_acc": accuracy(matrix), f"{name}_samples": sample_count(matrix)})
-        record.update({
-            # Only this session's steps: an epoch resumed at its very end has no speed to report.
-            "examples_per_sec": steps_run * config.batch_size / seconds if steps_run else None,
-            "seconds": seconds, "eval_seconds": eval_seconds, "global_step": progress.global_step,
-            # Per epoch, so a leak shows as growth from one line to the next.
-            "peak_memory_bytes": (torch.cuda.max_memory_allocated(accelerator.device)
-                                  if accelerator.device.type == "cuda" else None)})
+        record, confusion = evaluate_epoch(t, run, sums, steps_run, seconds)
+        report_epoch(accelerator, record, run.files, config.epochs)
+        result.last_epoch, result.confusion = record, confusion
         result.trained_samples += steps_run * config.batch_size
         result.train_seconds += seconds if steps_run else 0.0
-        speed = f", {record['examples_per_sec']:.1f} examples/sec" if steps_run else ""
-        val = f", val acc {record['val_acc']:.3f}" if "val_acc" in record else ""
-        say(accelerator, f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.3f}, "
-                         f"train acc {record['train_acc']:.3f}{val}, test acc {test_acc:.3f}{speed}")
-        if run.files:
-            run.files.add_epoch(record)
-        accelerator.log({f"{split}/{metric}": record[f"{split}_{metric}"] for split in ("train", *evaluations)
-                         for metric in ("loss", "acc")}
-                        | {"train/lr": record["lr"]}
-                        | ({"perf/examples_per_sec": record["examples_per_sec"]} if steps_run else {}),
-                        step=epoch + 1)
-        result.last_epoch, result.confusion = record, confusion
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
         # The best checkpoint is chosen on the validation set when there is one, never on the test set then.
         judged_on = "val" if "val_acc" in record else "test"
@@ -283,6 +268,64 @@ def fit(t: Training, run: Run, resumed_sums: EpochSums | None = None) -> Result:
                 checkpoint.mark_best(run.run_dir / checkpoint.CHECKPOINTS_DIR, path, f"{judged_on}_acc",
                                      progress.best_acc)
     return result
+
+
+def show_progress(t: Training, run: Run, bar, steps_per_epoch: int) -> None:
+    """Right after the processes agreed, when reading the running sums costs no extra stall: the bar's
+    loss and accuracy, and CURVE_POINTS_PER_EPOCH points per epoch for the curves."""
+    progress = t.progress
+    curve_every = max(1, steps_per_epoch // CURVE_POINTS_PER_EPOCH)
+    on_curve = progress.step_in_epoch % curve_every < t.config.sync_every
+    if not t.accelerator.is_main_process or (bar is None and not on_curve):
+        return
+    sums = t.sums.local()
+    point = {"epoch": progress.epoch + progress.step_in_epoch / steps_per_epoch, "global_step": progress.global_step,
+             "train_loss": sums.loss / sums.samples, "train_acc": sums.correct / sums.samples,
+             "lr": t.schedule(progress.global_step - 1)}
+    if bar is not None:
+        bar.set_postfix(loss=f"{point['train_loss']:.3f}", acc=f"{point['train_acc']:.3f}", refresh=False)
+    if on_curve:
+        run.files.add_curve_point(point)
+
+
+def evaluate_epoch(t: Training, run: Run, sums: EpochSums, steps_run: int,
+                   seconds: float) -> tuple[dict, list[list[int]]]:
+    """The epoch's metrics record, with a fresh evaluation of every evaluation split, and the test
+    set's confusion matrix."""
+    accelerator, config, progress = t.accelerator, t.config, t.progress
+    started = time.perf_counter()
+    evaluations = {name: evaluate(accelerator, run.eval_model, loader, run.spec.image_size, run.spec.num_classes,
+                                  config.channels_last, tta=config.tta)
+                   for name, loader in run.eval_loaders.items()}
+    record = {"epoch": progress.epoch + 1, "train_loss": sums.loss / sums.samples,
+              "train_acc": sums.correct / sums.samples, "train_samples": int(sums.samples),
+              "lr": t.schedule(progress.global_step - 1)}
+    for name, (matrix, loss) in evaluations.items():
+        record.update({f"{name}_loss": loss, f"{name}_acc": accuracy(matrix), f"{name}_samples": sample_count(matrix)})
+    record.update({
+        # Only this session's steps: an epoch resumed at its very end has no speed to report.
+        "examples_per_sec": steps_run * config.batch_size / seconds if steps_run else None,
+        "seconds": seconds, "eval_seconds": time.perf_counter() - started, "global_step": progress.global_step,
+        # Per epoch, so a leak shows as growth from one line to the next.
+        "peak_memory_bytes": (torch.cuda.max_memory_allocated(accelerator.device)
+                              if accelerator.device.type == "cuda" else None)})
+    return record, evaluations["test"][0]
+
+
+def report_epoch(accelerator: Accelerator, record: dict, files: RunFiles | None, epochs: int) -> None:
+    """The epoch's line, its metrics.jsonl record and curves, and the trackers' scalars."""
+    speed = f", {record['examples_per_sec']:.1f} examples/sec" if record["examples_per_sec"] else ""
+    val = f", val acc {record['val_acc']:.3f}" if "val_acc" in record else ""
+    say(accelerator, f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.3f}, "
+                     f"train acc {record['train_acc']:.3f}{val}, test acc {record['test_acc']:.3f}{speed}")
+    if files:
+        files.add_epoch(record)
+    splits = ["train", *(split for split in ("val", "test") if f"{split}_acc" in record)]
+    scalars = {f"{split}/{metric}": record[f"{split}_{metric}"] for split in splits for metric in ("loss", "acc")}
+    scalars["train/lr"] = record["lr"]
+    if record["examples_per_sec"]:
+        scalars["perf/examples_per_sec"] = record["examples_per_sec"]
+    accelerator.log(scalars, step=record["epoch"])
 
 
 def agree_then_checkpoint(t: Training, run: Run, checkpoint_due: bool) -> None:
@@ -304,11 +347,6 @@ def agree_then_checkpoint(t: Training, run: Run, checkpoint_due: bool) -> None:
             say(t.accelerator, requeue_slurm_job())
         raise Preempted(f"by {stop.signal_name or 'a signal on another process'} at step {progress.global_step}; "
                         f"checkpoint {path}; rerun with --resume auto to continue")
-
-
-def curve_point(sums: EpochSums, progress: Progress, steps_per_epoch: int, lr: float) -> dict:
-    return {"epoch": progress.epoch + progress.step_in_epoch / steps_per_epoch, "global_step": progress.global_step,
-            "train_loss": sums.loss / sums.samples, "train_acc": sums.correct / sums.samples, "lr": lr}
 
 
 def save_checkpoint(t: Training, run: Run) -> Path:
