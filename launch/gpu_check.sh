@@ -7,9 +7,10 @@
 #             (CUDA graphs); fp32 compiled; one torch.profiler table of the compiled step
 #   chapter   the chapter recipe, bf16, twice: the first run fills the compile cache, the second is warm
 #   recipes   --recipe fast and --recipe best, bf16, seed 0
-# About 6 minutes for all three on an H200 by estimate (compilation dominates the first runs). Logs,
-# JSON and metrics land in OUT_DIR; weights stay in a scratch directory. SMOKE=1 runs every step at toy
-# sizes on any machine, to check the script itself.
+# By estimate (compilation dominates): bench about 4 minutes, chapter 2, recipes 2-3 on an H200; with a
+# 15-minute device budget run SECTIONS="bench chapter" first and the recipes in a second call. Logs, JSON
+# and metrics land in OUT_DIR; weights stay in a scratch directory. SMOKE=1 runs every step at toy
+# sizes on any machine, to check the script itself (3.5 minutes on a 2-core CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu_check}}"

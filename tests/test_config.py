@@ -117,7 +117,7 @@ def test_flags_override_the_config_file_which_overrides_the_recipe(tmp_path):
     config = parse("--config", str(path), "--lr", "0.1")
     assert config.recipe == "fast" and config.batch_norm  # from the recipe the file names
     assert config.epochs == 7 and config.lr == 0.1
-    assert parse("--config", str(path), "--recipe", "best").image_size == 64  # the command line's recipe wins
+    assert parse("--config", str(path), "--recipe", "best").width_divisor == 1  # the command line's recipe wins
 
 
 def test_written_train_config_reproduces_the_config(tmp_path):

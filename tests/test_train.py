@@ -66,10 +66,15 @@ def test_evaluate_takes_a_checkpoint_and_the_best_one(shared_run):
     run_dir, _ = shared_run
     best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
     assert set(best) == {"checkpoint", "val_acc"}  # chosen on the validation split, not the test set
+    # The best epoch's record: a checkpoint evaluates to exactly what its epoch reported (EMA weights, TTA).
+    step = int(best["checkpoint"].split("_")[1])
+    reported = next(m for m in read_metrics(run_dir) if m["global_step"] == step)
+    assert best["val_acc"] == reported["val_acc"]
     for target in (run_dir / "checkpoints" / best["checkpoint"], run_dir / "checkpoints" / "best"):
         code, stdout, stderr = run_main(evaluate.main, ["--checkpoint", str(target)])
         assert code == 0, stderr
-        assert json.loads(stdout.strip().splitlines()[-1])["test_samples"] == 77
+        report = json.loads(stdout.strip().splitlines()[-1])
+        assert report["test_samples"] == 77 and report["test_acc"] == reported["test_acc"]
 
 
 # 1 and N processes take the same steps: the global batch is split, augmentation is drawn for the

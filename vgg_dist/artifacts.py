@@ -21,6 +21,7 @@ from vgg_dist.errors import UsageError
 from vgg_dist.model import ModelSpec, build_model
 
 WEIGHTS_NAME = "model.safetensors"
+EMA_WEIGHTS_NAME = "ema.safetensors"  # in checkpoints of runs with --model-ema: the weights they evaluated
 CONFIG_NAME = "config.json"
 SPEC_METADATA_KEY = "vgg_dist.model_spec"
 # predict resizes a new image to the dataset's own resolution first; beyond this a config is not believable.
@@ -105,7 +106,8 @@ def _checkpoint_run_config(checkpoint_dir: Path) -> dict:
 
 
 def resolve_weights(path: Path) -> tuple[Path, dict]:
-    """(weights file, run config) for a run directory, a checkpoint directory, or RUN/checkpoints/best."""
+    """(weights file, run config) for a run directory, a checkpoint directory, or RUN/checkpoints/best:
+    the weights the run evaluated (with --model-ema, the average's)."""
     path = Path(path)
     if path.name == "best" and path.parent.name == checkpoint.CHECKPOINTS_DIR and not path.exists():
         best = checkpoint.best_checkpoint(path.parent)
@@ -118,7 +120,8 @@ def resolve_weights(path: Path) -> tuple[Path, dict]:
                          f"or one of its checkpoints")
     if (path / checkpoint.MANIFEST).exists():
         checkpoint.verify(path)
-        return path / WEIGHTS_NAME, _checkpoint_run_config(path)
+        evaluated = path / EMA_WEIGHTS_NAME if (path / EMA_WEIGHTS_NAME).exists() else path / WEIGHTS_NAME
+        return evaluated, _checkpoint_run_config(path)
     return path / WEIGHTS_NAME, read_run_config(path)
 
 

@@ -27,8 +27,8 @@ from vgg_dist.optim import LRSchedule
 
 # Flags that fix which images each step sees; a checkpoint only continues a run that agrees on them.
 DATA_ORDER_FLAGS = ("batch_size", "seed", "dataset", "max_train_samples", "val_split")
-WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE = "model.safetensors", "optimizer.safetensors", "rng.safetensors"
-EMA_FILE = "ema.safetensors"  # only with --model-ema
+WEIGHTS_FILE, EMA_FILE = artifacts.WEIGHTS_NAME, artifacts.EMA_WEIGHTS_NAME  # the EMA's only with --model-ema
+OPTIMIZER_FILE, RNG_FILE = "optimizer.safetensors", "rng.safetensors"
 
 
 @dataclasses.dataclass

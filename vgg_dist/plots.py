@@ -1,42 +1,53 @@
-"""The chapter's training curves and a confusion matrix, drawn with matplotlib's file-only backend."""
+"""The chapter's training curves and a confusion matrix, drawn to files.
+
+matplotlib's object API (`Figure`) renders without pyplot, so there is no backend to choose, no
+display needed and no global state: it works on any machine and inside any launcher.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
 from vgg_dist.atomic import write_atomically
 from vgg_dist.metrics import accuracy, sample_count
 
-matplotlib.use("Agg")  # files only: works on machines with no display, inside any launcher
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 def plot_curves(epochs: list[dict], steps: list[dict], path_stem: Path) -> list[Path]:
-    """Train loss, train accuracy and test accuracy against epoch, as d2l's Animator draws them.
+    """Train loss and accuracy, test (and validation) accuracy and loss against epoch, as d2l's
+    Animator draws them, with the learning rate on a second axis. Writes .png and .svg.
 
-    `epochs` are metrics.jsonl records; `steps` are fractional-epoch train points ({"epoch", "train_loss",
-    "train_acc"}), drawn as the lines, with the per-epoch values as markers. Writes .png and .svg.
+    `epochs` are metrics.jsonl records; `steps` are fractional-epoch train points ({"epoch",
+    "train_loss", "train_acc", "lr"}), drawn as the train lines, with the per-epoch values as markers.
     """
-    figure, axis = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    if steps:
-        x = [point["epoch"] for point in steps]
-        axis.plot(x, [point["train_loss"] for point in steps], color="tab:blue", label="train loss")
-        axis.plot(x, [point["train_acc"] for point in steps], color="tab:purple", linestyle="--", label="train acc")
-    else:
-        x = [record["epoch"] for record in epochs]
-        axis.plot(x, [record["train_loss"] for record in epochs], color="tab:blue", marker="o", label="train loss")
-        axis.plot(x, [record["train_acc"] for record in epochs], color="tab:purple", linestyle="--", marker="o",
-                  label="train acc")
-    axis.plot([record["epoch"] for record in epochs], [record["test_acc"] for record in epochs], color="tab:green",
-              linestyle="-.", marker="s", label="test acc")
+    figure = Figure(figsize=(6.4, 4.2), dpi=120)
+    axis = figure.subplots()
+    train = steps or epochs
+    style = {} if steps else {"marker": "o"}
+    x = [point["epoch"] for point in train]
+    axis.plot(x, [point["train_loss"] for point in train], color="tab:blue", label="train loss", **style)
+    axis.plot(x, [point["train_acc"] for point in train], color="tab:purple", linestyle="--", label="train acc",
+              **style)
+    at = [record["epoch"] for record in epochs]
+    for split, color in (("val", "tab:orange"), ("test", "tab:green")):
+        if epochs and f"{split}_acc" in epochs[-1]:
+            axis.plot(at, [record[f"{split}_acc"] for record in epochs], color=color, linestyle="-.", marker="s",
+                      label=f"{split} acc")
+        if epochs and f"{split}_loss" in epochs[-1]:
+            axis.plot(at, [record[f"{split}_loss"] for record in epochs], color=color, linestyle=":", marker="^",
+                      label=f"{split} loss")
     axis.set_xlabel("epoch")
     axis.set_ylabel("loss / accuracy")
-    last_epoch = max([record["epoch"] for record in epochs] + [1])
-    axis.set_xlim(0, last_epoch)
+    axis.set_xlim(0, max(at + [1]))
     axis.grid(True, alpha=0.3)
-    axis.legend(loc="best")
+    if any("lr" in point for point in train):
+        rate = axis.twinx()
+        rate.plot(x, [point.get("lr") for point in train], color="tab:gray", linewidth=0.8, label="learning rate")
+        rate.set_ylabel("learning rate", color="tab:gray")
+        rate.set_ylim(bottom=0)
+        rate.tick_params(axis="y", colors="tab:gray")
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4, fontsize=8, frameon=False)
     if epochs:
         final = epochs[-1]
         axis.set_title(f"loss {final['train_loss']:.3f}, train acc {final['train_acc']:.3f}, "
@@ -47,7 +58,8 @@ def plot_curves(epochs: list[dict], steps: list[dict], path_stem: Path) -> list[
 def plot_confusion(confusion: list[list[int]], class_names: list[str], path_stem: Path) -> list[Path]:
     """Row-normalised confusion matrix (rows: true class) with the counts written in each cell."""
     size = len(class_names)
-    figure, axis = plt.subplots(figsize=(1.0 + 0.62 * size, 0.8 + 0.55 * size), dpi=120)
+    figure = Figure(figsize=(1.0 + 0.62 * size, 0.8 + 0.55 * size), dpi=120)
+    axis = figure.subplots()
     totals = [max(sum(row), 1) for row in confusion]
     shares = [[count / total for count in row] for row, total in zip(confusion, totals)]
     image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
@@ -64,10 +76,9 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path_stem
     return _save(figure, path_stem)
 
 
-def _save(figure, path_stem: Path) -> list[Path]:
+def _save(figure: Figure, path_stem: Path) -> list[Path]:
     figure.tight_layout()
     paths = [path_stem.with_suffix(".png"), path_stem.with_suffix(".svg")]
     for path in paths:  # a viewer refreshing the file never sees half a picture
-        write_atomically(path, lambda temporary: figure.savefig(temporary, format=path.suffix[1:]))
-    plt.close(figure)
+        write_atomically(path, lambda temporary: figure.savefig(temporary, format=path.suffix[1:], bbox_inches="tight"))
     return paths

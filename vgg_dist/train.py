@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_info = describe_run(accelerator, config, spec, data, splits, layout, restored, run_dir)
         files = RunFiles(run_dir) if accelerator.is_main_process else None
-        if files:
+        if accelerator.is_main_process:
             files.write_run_info(run_info)
             files.write_train_config(config_file_values(config))
             files.forget_after(progress.epoch, progress.global_step)
@@ -162,12 +162,13 @@ def save_results(accelerator: Accelerator, training: Training, run: Run, result:
     """The final weights (the EMA's with --model-ema), config.json with the final metrics, the report,
     and the chapter's two closing lines."""
     files = run.files
-    last_epoch = result.last_epoch or (files.last_epoch() if files else {})  # {} on a resume of a finished run
+    # A resume of a run that had already finished trains nothing: its last record is on file.
+    last_epoch = result.last_epoch or (files.last_epoch() if accelerator.is_main_process else {})
     identical = weights_agree(accelerator, training.model)
     if not identical:
         say(accelerator, f"warning: the {accelerator.num_processes} processes ended with different weights; "
                          f"rank 0's are saved")
-    if files:
+    if accelerator.is_main_process:
         weights = (training.ema.state_dict() if training.ema is not None
                    else unwrapped_state_dict(accelerator, training.model))
         save_weights(run.run_dir / WEIGHTS_NAME, weights, run.spec)

@@ -313,12 +313,13 @@ def evaluate_epoch(t: Training, run: Run, sums: EpochSums, steps_run: int,
 
 
 def report_epoch(accelerator: Accelerator, record: dict, files: RunFiles | None, epochs: int) -> None:
-    """The epoch's line, its metrics.jsonl record and curves, and the trackers' scalars."""
+    """The epoch's line, its metrics.jsonl record and curves (`files`, on the main process only), and the
+    trackers' scalars."""
     speed = f", {record['examples_per_sec']:.1f} examples/sec" if record["examples_per_sec"] else ""
     val = f", val acc {record['val_acc']:.3f}" if "val_acc" in record else ""
     say(accelerator, f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.3f}, "
                      f"train acc {record['train_acc']:.3f}{val}, test acc {record['test_acc']:.3f}{speed}")
-    if files:
+    if accelerator.is_main_process:
         files.add_epoch(record)
     splits = ["train", *(split for split in ("val", "test") if f"{split}_acc" in record)]
     scalars = {f"{split}/{metric}": record[f"{split}_{metric}"] for split in splits for metric in ("loss", "acc")}
