@@ -176,9 +176,15 @@ def compiles(config: TrainConfig, device: torch.device) -> bool:
 
 def compile_cache_dir() -> Path:
     """Where torch.compile keeps its compiled graphs and kernels, so a second run does not compile again:
-    $TORCHINDUCTOR_CACHE_DIR if set, else a per-user cache (Inductor's own default is under /tmp, which
-    clusters often clear at the end of every job)."""
-    if COMPILE_CACHE_VARIABLE not in os.environ:
+    $TORCHINDUCTOR_CACHE_DIR if the user set it, else a per-user cache (Inductor's own default is under
+    /tmp, which clusters often clear at the end of every job). Inductor writes its default into the
+    variable when it first looks, so that value counts as unset."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        inductor_default = os.path.abspath(default_cache_dir())
+    except ImportError:  # older PyTorch sets no default into the variable
+        inductor_default = None
+    if os.environ.get(COMPILE_CACHE_VARIABLE) in (None, inductor_default):
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         os.environ[COMPILE_CACHE_VARIABLE] = str(base / "vgg_dist" / "torchinductor")
     return Path(os.environ[COMPILE_CACHE_VARIABLE])
