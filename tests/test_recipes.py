@@ -167,3 +167,31 @@ def test_global_batchnorm_on_two_processes_equals_batchnorm_on_the_whole_batch()
         torch.testing.assert_close(mine_grad, whole.grad[rows])
         torch.testing.assert_close(running_mean, reference.running_mean)
         torch.testing.assert_close(running_var, reference.running_var)
+
+
+def test_train_step_clips_the_gradient_norm_and_smooths_the_labels():
+    from conftest import isolated_run
+    from vgg_dist.accelerated import make_accelerator
+    from vgg_dist.checkpoint_state import Progress
+    from vgg_dist.config import parse_config
+    from vgg_dist.training import DeviceSums, NonFiniteWatch, Training, build_model_and_optimizer, make_schedule
+    from vgg_dist.training import train_step
+
+    def one_step(*flags):
+        with isolated_run():
+            accelerator = make_accelerator()
+            config = parse_config([*TINY_MODEL, "--dropout", "0", "--lr", "1.0", *flags], prog="t", description="t")
+            model, optimizer = build_model_and_optimizer(accelerator, config, config.model_spec(1, 10))
+            model, optimizer = accelerator.prepare(model, optimizer)
+            before = [p.detach().clone() for p in model.parameters()]
+            t = Training(accelerator, model, optimizer, make_schedule(config, 10), config, Progress(),
+                         DeviceSums(accelerator.device), NonFiniteWatch(accelerator.device))
+            train_step(t, _images(8), torch.arange(8))
+            moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+            return moved.norm().item(), t.sums.local().loss
+
+    free_norm, plain_loss = one_step()
+    clipped_norm, _ = one_step("--clip-grad-norm", "0.001")
+    _, smoothed_loss = one_step("--label-smoothing", "0.5")
+    assert free_norm > 0.01 and clipped_norm == pytest.approx(0.001, rel=1e-3)  # lr 1 x a gradient of norm 0.001
+    assert smoothed_loss != pytest.approx(plain_loss)
