@@ -8,14 +8,29 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-# Differentiable collectives; PyTorch's deprecation notice for torch.distributed.nn names this module.
-import torch.distributed._functional_collectives as collectives
 from torch import nn
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over all processes, differentiable: every process's output depends on every process's input,
+    so the gradient of an input is the sum of the output gradients on all processes. (PyTorch's own
+    differentiable collectives moved between modules across versions; this is the whole of it.)"""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
+        total = gradient.clone()
+        dist.all_reduce(total)
+        return total
+
+
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over all processes; its gradient is the sum of the gradients on all processes."""
-    return collectives.all_reduce(tensor, "sum", dist.group.WORLD)
+    return _AllReduceSum.apply(tensor)
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
