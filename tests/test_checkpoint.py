@@ -205,7 +205,8 @@ def test_sigusr1_under_slurm_checkpoints_and_requeues_once(tiny_data, tmp_path):
 
 
 def _tiny_save(checkpoints_dir, step):
-    return checkpoint.save_checkpoint(checkpoints_dir, step, {"model.safetensors": ({"w": torch.full((10,), step)}, {})},
+    return checkpoint.save_checkpoint(checkpoints_dir, step,
+                                      {"model.safetensors": ({"w": torch.full((10,), step)}, {})},
                                       {"step": step})
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
-from conftest import (REPO, TINY_MODEL, TRAIN_SCRIPT, free_port, quiet_env, read_metrics, run_bounded)
+from conftest import (REPO, TINY_MODEL, TRAIN_SCRIPT, free_port, quiet_env, read_metrics)
 
 LAUNCH = REPO / "launch"
 # What each shipped config promises in its header, checked against what Accelerate loads from it.

@@ -213,6 +213,7 @@ def test_evaluate_refuses_a_flag_of_the_wrong_type_in_the_config(two_process_run
 
 
 def test_evaluate_contract_one_line_exit_2(tmp_path):
-    result = run_bounded([sys.executable, "-m", "vgg_dist.evaluate", "--checkpoint", str(tmp_path / "none")], timeout=60)
+    result = run_bounded([sys.executable, "-m", "vgg_dist.evaluate", "--checkpoint", str(tmp_path / "none")],
+                         timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: --checkpoint ") and result.stderr.count("\n") == 1

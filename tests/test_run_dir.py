@@ -29,8 +29,9 @@ def finished_run(tmp_path_factory, tiny_data):
 def test_resume_into_another_finished_run_is_refused_and_changes_nothing(finished_run, tiny_data, tmp_path):
     other, _, _ = train_here(tmp_path, tiny_data, *QUICK, "--seed", "1", name="other")
     before = directory_bytes(other)
-    _, _, stderr = train_here(tmp_path, tiny_data, *QUICK, "--resume", str(finished_run / "checkpoints" / "step_0000008"),
-                              name="other", expect=2)
+    checkpoint_of_another_run = finished_run / "checkpoints" / "step_0000008"
+    _, _, stderr = train_here(tmp_path, tiny_data, *QUICK, "--resume", str(checkpoint_of_another_run), name="other",
+                              expect=2)
     assert f"--output-dir {other} holds another run" in stderr and str(finished_run) in stderr
     assert directory_bytes(other) == before
 
@@ -113,7 +114,8 @@ def _write_lock(run_dir, holder, age_seconds=0.0):
 def test_who_holds_a_lock(tmp_path, holder, age, taken_over):
     mine = RunLock(tmp_path)
     if holder == "same machine, dead process":
-        finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True)
         holder = {**mine.owner, "pid": int(finished.stdout), "token": "dead"}
     elif holder == "same machine, live process":
         holder = {**mine.owner, "pid": os.getppid(), "process_start": run_lock._process_start(os.getppid()),

@@ -216,7 +216,8 @@ def load_from_hub(dataset: str) -> ImageData:
             raise UsageError(f"{info.hub_id} ({name}): expected grayscale images, got array shape "
                              f"{list(images.shape)}")
         labels = torch.from_numpy(np.asarray(column["label"])).long()
-        if len(labels) != len(images) or len(labels) == 0 or not 0 <= int(labels.min()) <= int(labels.max()) < len(info.class_names):
+        in_range = len(labels) > 0 and 0 <= int(labels.min()) and int(labels.max()) < len(info.class_names)
+        if len(labels) != len(images) or not in_range:
             raise UsageError(f"{info.hub_id} ({name}): labels must be one per image, from 0 to "
                              f"{len(info.class_names) - 1}")
         splits[name] = Split(images.unsqueeze(1), labels)

@@ -209,7 +209,8 @@ def start_trackers(accelerator: Accelerator, config: TrainConfig, run_dir: Path)
     # TensorBoard's hparams take numbers, strings and booleans only.
     flags = {name: (value if isinstance(value, (int, float, str, bool)) else str(value))
              for name, value in config.to_dict().items()}
-    accelerator.init_trackers("vgg_dist", config=flags, init_kwargs={"wandb": {"name": run_dir.name, "dir": str(run_dir)}})
+    accelerator.init_trackers("vgg_dist", config=flags,
+                              init_kwargs={"wandb": {"name": run_dir.name, "dir": str(run_dir)}})
 
 
 def cli() -> None:
