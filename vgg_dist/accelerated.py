@@ -8,7 +8,6 @@ one GPU, or many processes on many nodes. Nothing here knows about checkpoints o
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import socket
 
@@ -20,6 +19,7 @@ from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelK
 
 from vgg_dist.data import BatchIndexedTensors, Split, keep_batch, to_model_input
 from vgg_dist.errors import UsageError
+from vgg_dist.model import log_probabilities
 
 TRACKERS = {"none": None, "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
 NO_STEP = 2 ** 62  # "no step yet" in step-number collectives, where the minimum over processes is taken
@@ -97,7 +97,8 @@ def make_loader(split: Split, batch_sampler, device: torch.device) -> torch.util
 
 def evaluate(accelerator: Accelerator, model, loader, image_size: int, num_classes: int, channels_last: bool,
              tta: bool = False) -> tuple[list[list[int]], float]:
-    """(confusion matrix [true][predicted], mean cross-entropy) over the whole test set, on every process.
+    """(confusion matrix [true][predicted], mean cross-entropy) over every image the loader holds (the
+    test or the validation set), on every process.
 
     `gather_for_metrics` drops the samples Accelerate repeats to even out the last batch, so each test
     image counts exactly once whatever the number of processes. With `tta` the prediction is the mean
@@ -109,13 +110,9 @@ def evaluate(accelerator: Accelerator, model, loader, image_size: int, num_class
     # The model may be one Accelerate did not prepare (an EMA copy): give it the run's autocast too.
     with torch.no_grad(), accelerator.autocast():
         for images, labels in loader:
-            x = to_model_input(images, image_size, channels_last)
-            log_probabilities = F.log_softmax(model(x).float(), dim=1)
-            if tta:
-                mirrored = F.log_softmax(model(x.flip(-1)).float(), dim=1)
-                log_probabilities = torch.logsumexp(torch.stack([log_probabilities, mirrored]), dim=0) - math.log(2)
-            losses = F.nll_loss(log_probabilities, labels, reduction="none")
-            predictions = log_probabilities.argmax(dim=1)
+            scores = log_probabilities(model, to_model_input(images, image_size, channels_last), tta)
+            losses = F.nll_loss(scores, labels, reduction="none")
+            predictions = scores.argmax(dim=1)
             predictions, labels, losses = accelerator.gather_for_metrics((predictions, labels, losses))
             confusion += torch.bincount(labels * num_classes + predictions, minlength=num_classes ** 2)
             loss_sum += losses.double().sum()

@@ -8,6 +8,7 @@ Print the chapter's per-block shape table for any configuration:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -165,6 +166,16 @@ def _xavier_init(module: nn.Module) -> None:
     # As the chapter: Xavier-uniform weights for conv and linear layers, PyTorch's default biases.
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         nn.init.xavier_uniform_(module.weight)
+
+
+def log_probabilities(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Class log-probabilities [N, classes] for a batch the model takes; with `tta`, those of the mean
+    of the probabilities for each image and its mirror image (flip test-time augmentation)."""
+    result = torch.log_softmax(model(x).float(), dim=1)
+    if tta:
+        mirrored = torch.log_softmax(model(x.flip(-1)).float(), dim=1)
+        result = torch.logsumexp(torch.stack([result, mirrored]), dim=0) - math.log(2)
+    return result
 
 
 def shape_table(model: nn.Sequential, spec: ModelSpec) -> list[tuple[str, list[int]]]:

@@ -22,6 +22,7 @@ from vgg_dist import artifacts
 from vgg_dist.cli import FlagParser, check_positive
 from vgg_dist.data import to_model_input
 from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
+from vgg_dist.model import log_probabilities
 
 
 def load_image(path: Path, in_channels: int, source_size: tuple[int, int], invert: bool) -> torch.Tensor:
@@ -51,11 +52,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor, image_size: int, tta: 
     """Class probabilities [N, classes] for uint8 images [N, C, h, w]; with `tta`, the mean of the
     probabilities for each image and its mirror, as evaluation computes them."""
     with torch.no_grad():
-        x = to_model_input(images, image_size)
-        probabilities = torch.softmax(model(x), dim=1)
-        if tta:
-            probabilities = (probabilities + torch.softmax(model(x.flip(-1)), dim=1)) / 2
-        return probabilities
+        return log_probabilities(model, to_model_input(images, image_size), tta).exp()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
