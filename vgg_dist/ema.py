@@ -31,8 +31,9 @@ class ModelEMA:
         # The tensors are looked up on every update: wrapping the model for DDP may replace its buffers.
         torch._foreach_lerp_(list(self.module.parameters()), list(self.source.parameters()),
                              1.0 - self.decay_at(step))
-        for averaged_buffer, buffer in zip(self.module.buffers(), self.source.buffers()):
-            averaged_buffer.copy_(buffer)
+        buffers = list(self.module.buffers())
+        if buffers:  # BatchNorm's statistics; a model without BatchNorm has none
+            torch._foreach_copy_(buffers, list(self.source.buffers()))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
