@@ -140,3 +140,10 @@ def test_help_lists_recipes_and_choices_and_each_default_once(capsys):
     assert "{none,tensorboard,wandb,all}" in text and "{constant,cosine,onecycle}" in text
     assert "(default: None)" not in text
     assert text.count("(default: load from the Hugging Face Hub)") == 1
+
+
+def test_an_unknown_recipe_named_by_a_config_file_names_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: fastest\n")
+    assert refusal("--config", str(path)) == (f"--config {path}: recipe 'fastest' is unknown; choose one of "
+                                              f"best, chapter, fast")

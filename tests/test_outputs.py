@@ -207,7 +207,7 @@ def test_evaluate_refuses_a_flag_of_the_wrong_type_in_the_config(two_process_run
     config["flags"]["batch_size"] = "128"
     (copy / "config.json").write_text(json.dumps(config))
     code, _, stderr = run_main(evaluate.main, ["--checkpoint", str(copy)])
-    assert code == 2 and "the run's config says batch_size is '128'" in stderr
+    assert code == 2 and "the run's config says batch_size is '128'" in stderr and "pass --batch-size" in stderr
     code, stdout, _ = run_main(evaluate.main, ["--checkpoint", str(copy), "--batch-size", "16"])
     assert code == 0 and json.loads(stdout)["test_samples"] == 77
 

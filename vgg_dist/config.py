@@ -180,7 +180,8 @@ def parse_config(argv: list[str] | None, prog: str, description: str) -> TrainCo
     from_file = read_config_file(Path(known.config), "--config") if known.config is not None else {}
     recipe = known.recipe or from_file.get("recipe") or TrainConfig.recipe
     if recipe not in recipe_names():
-        raise UsageError(f"--recipe {recipe!r} is unknown; choose one of {', '.join(recipe_names())}")
+        named_by = "--recipe" if known.recipe else f"--config {known.config}: recipe"
+        raise UsageError(f"{named_by} {recipe!r} is unknown; choose one of {', '.join(recipe_names())}")
     parser = build_parser(prog, description)
     parser.set_defaults(**{**read_config_file(RECIPES_DIR / f"{recipe}.yaml", "--recipe"), **from_file,
                            "recipe": recipe})

@@ -42,14 +42,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# The run's settings this command also takes as flags, so a bad one in config.json can be overridden.
+OVERRIDABLE = ("data_dir", "batch_size", "max_eval_samples", "tta")
+
+
 def run_flag(run_config: dict, name: str, kind: type, default):
     """A flag the run was trained with, checked: config.json is a file anyone can edit."""
     value = run_config.get("flags", {}).get(name, default)
     if value is None and default is None:
         return None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)) or (kind is int and value < 1):
+        fix = f"pass {flag(name)} here instead" if name in OVERRIDABLE else f"correct {name} in its config.json"
         raise UsageError(f"--checkpoint: the run's config says {name} is {value!r}, not a "
-                         f"{'positive integer' if kind is int else kind.__name__}; pass {flag(name)} here instead")
+                         f"{'positive integer' if kind is int else kind.__name__}; {fix}")
     return value
 
 
