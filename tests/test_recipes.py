@@ -46,7 +46,9 @@ def _images(count: int = 8, seed: int = 0) -> torch.Tensor:
 def _augment(augmentation: Augmentation, images: torch.Tensor, seed: int = 0, first_row: int = 0,
              global_batch: int | None = None) -> torch.Tensor:
     generator = torch.Generator().manual_seed(step_seed(seed, 0, 0))
-    return augmentation(images, generator, global_batch or len(images), first_row)
+    draws = augmentation.draw(generator, global_batch or len(images))
+    rows = slice(first_row, first_row + len(images))
+    return augmentation.apply(images, {name: values[rows] for name, values in draws.items()})
 
 
 def test_flip_mirrors_some_images_and_leaves_the_rest():
@@ -86,7 +88,7 @@ def test_each_process_augments_exactly_its_rows_of_the_global_batch():
     assert torch.equal(torch.cat(halves), whole)
     augmenter = BatchAugmenter(augmentation, torch.device("cpu"), seed=3, process_index=1, num_processes=2,
                                global_batch=16)
-    assert augmenter.first_row == 8
+    assert augmenter.rows == slice(8, 16)
     assert torch.equal(augmenter(images[8:], 4, 7), augmenter(images[8:], 4, 7))  # reseeded per step
     assert not torch.equal(augmenter(images[8:], 4, 7), augmenter(images[8:], 4, 8))
 

@@ -35,22 +35,28 @@ class Augmentation:
     def __bool__(self) -> bool:
         return bool(self.crop_padding or self.hflip or self.erase)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator, global_batch: int,
-                 first_row: int) -> torch.Tensor:
-        """Augment this process's rows [first_row, first_row + len(images)) of a global batch.
+    def draw(self, generator: torch.Generator, global_batch: int) -> dict[str, torch.Tensor]:
+        """The random numbers of one step, one row per image of the global batch: `shift` (B, 2) pixel
+        offsets, `flip` (B,) and `erase` (B, 5) uniforms. Drawn on the host, so that a CUDA graph can
+        take them as an input (--cuda-graphs); a few kilobytes per step."""
+        draws = {}
+        if self.crop_padding:
+            offsets = torch.randint(0, 2 * self.crop_padding + 1, (2, global_batch), generator=generator)
+            draws["shift"] = offsets.T  # drawn as all dy, then all dx
+        if self.hflip:
+            draws["flip"] = torch.rand(global_batch, generator=generator)
+        if self.erase:
+            draws["erase"] = torch.rand(global_batch, 5, generator=generator)
+        return draws
 
-        `generator` lives on the images' device and is already seeded for this step.
-        """
+    def apply(self, images: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Augment a batch of images with `draws` for its rows (on the images' device). Device work
+        only: no host synchronisation, nothing random, so it can be captured in a CUDA graph."""
         batch, _, height, width = images.shape
-        rows = slice(first_row, first_row + batch)
         device = images.device
-
-        def uniform(*shape: int) -> torch.Tensor:
-            return torch.rand(global_batch, *shape, generator=generator, device=device)[rows]
-
         if self.crop_padding:
             pad = self.crop_padding
-            dy, dx = (torch.randint(0, 2 * pad + 1, (2, global_batch), generator=generator, device=device)[:, rows])
+            dy, dx = draws["shift"].unbind(dim=1)
             padded = F.pad(images, (pad, pad, pad, pad))
             y = (dy[:, None] + torch.arange(height, device=device))[:, None, :, None]
             x = (dx[:, None] + torch.arange(width, device=device))[:, None, None, :]
@@ -58,10 +64,10 @@ class Augmentation:
             channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
             images = padded[sample, channel, y, x]
         if self.hflip:
-            flip = uniform() < self.hflip
+            flip = draws["flip"] < self.hflip
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if self.erase:
-            erase, area, aspect, top, left = uniform(5).unbind(dim=1)
+            erase, area, aspect, top, left = draws["erase"].unbind(dim=1)
             area = height * width * (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * area)
             log_low, log_high = math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])
             aspect = torch.exp(log_low + (log_high - log_low) * aspect)
@@ -78,15 +84,24 @@ class Augmentation:
 
 
 class BatchAugmenter:
-    """An Augmentation bound to this process: its rows of the global batch, and a generator on its
-    device that each step reseeds from (seed, epoch, step in the epoch)."""
+    """An Augmentation bound to this process: its rows of the global batch, and a host generator that
+    each step reseeds from (seed, epoch, step in the epoch)."""
 
     def __init__(self, augmentation: Augmentation, device: torch.device, seed: int, process_index: int,
                  num_processes: int, global_batch: int):
-        self.augmentation, self.seed, self.global_batch = augmentation, seed, global_batch
-        self.first_row = process_index * (global_batch // num_processes)
-        self.generator = torch.Generator(device=device)
+        self.augmentation, self.device, self.seed, self.global_batch = augmentation, device, seed, global_batch
+        rows_per_process = global_batch // num_processes
+        self.rows = slice(process_index * rows_per_process, (process_index + 1) * rows_per_process)
+        self.generator = torch.Generator()
+
+    def draw(self, epoch: int, step_in_epoch: int) -> dict[str, torch.Tensor]:
+        """This process's rows of the step's random numbers, on its device."""
+        self.generator.manual_seed(step_seed(self.seed, epoch, step_in_epoch))
+        draws = self.augmentation.draw(self.generator, self.global_batch)
+        return {name: values[self.rows].to(self.device, non_blocking=True) for name, values in draws.items()}
+
+    def apply(self, images: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.augmentation.apply(images, draws)
 
     def __call__(self, images: torch.Tensor, epoch: int, step_in_epoch: int) -> torch.Tensor:
-        self.generator.manual_seed(step_seed(self.seed, epoch, step_in_epoch))
-        return self.augmentation(images, self.generator, self.global_batch, self.first_row)
+        return self.apply(images, self.draw(epoch, step_in_epoch))
