@@ -45,6 +45,16 @@ def test_bench_refuses_bad_sizes(tmp_path):
     assert result.returncode == 2 and "--image-size must be a multiple of 32" in result.stderr
 
 
+def test_bench_cuda_graphs_needs_a_long_enough_warmup_and_a_gpu():
+    from conftest import run_main
+    from vgg_dist import bench
+    from vgg_dist.errors import UsageError
+    with pytest.raises(UsageError, match="--cuda-graphs needs --warmup 4 or more"):
+        bench.parse_args(["--cuda-graphs", "--warmup", "3"])
+    code, stdout, stderr = run_main(bench.main, [*TINY_BENCH[:-1], "4", "--skip-baseline", "--cuda-graphs"])
+    assert code == 2 and "--cuda-graphs needs a GPU and none is visible" in stderr and "images/s" not in stdout
+
+
 @pytest.mark.slow
 def test_compile_compiles_the_timed_model_and_a_second_run_reuses_the_cache(tmp_path):
     # Two separate processes sharing only the per-user cache directory (XDG_CACHE_HOME here).

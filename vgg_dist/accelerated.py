@@ -14,8 +14,8 @@ import socket
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs,
-                               ProjectConfiguration, gather_object)
+from accelerate.utils import (AutocastKwargs, DDPCommunicationHookType, DistributedDataParallelKwargs,
+                               InitProcessGroupKwargs, ProjectConfiguration, gather_object)
 
 from vgg_dist.data import BatchIndexedTensors, Split, keep_batch, to_model_input
 from vgg_dist.errors import UsageError
@@ -25,7 +25,8 @@ TRACKERS = {"none": None, "tensorboard": ["tensorboard"], "wandb": ["wandb"], "a
 NO_STEP = 2 ** 62  # "no step yet" in step-number collectives, where the minimum over processes is taken
 
 
-def make_accelerator(dist_timeout: int = 600, report_to: str = "none", ddp_bf16_grads: bool = False) -> Accelerator:
+def make_accelerator(dist_timeout: int = 600, report_to: str = "none", ddp_bf16_grads: bool = False,
+                     cuda_graphs: bool = False) -> Accelerator:
     """An Accelerator whose dataloaders take GLOBAL batches and split them across processes.
 
     Without a GPU it is built with cpu=True: that is what turns `accelerate launch --multi_gpu
@@ -33,6 +34,7 @@ def make_accelerator(dist_timeout: int = 600, report_to: str = "none", ddp_bf16_
     bounds every collective, so a dead rank fails the job instead of hanging it for gloo's 30 minutes.
     DDP keeps gradients as views into its all-reduce buckets (no extra copy of the 42M-parameter
     classifier's gradients) and treats the graph as static (the same parameters every step).
+    With `cuda_graphs`, autocast keeps no cache of cast weights, which a CUDA graph recording may not use.
     """
     ddp = DistributedDataParallelKwargs(
         gradient_as_bucket_view=True, static_graph=True,
@@ -42,7 +44,8 @@ def make_accelerator(dist_timeout: int = 600, report_to: str = "none", ddp_bf16_
         # non_blocking: batches come from pinned memory, so the copy to the GPU need not wait for the
         # previous step's kernels, which a blocking copy on the same stream would.
         dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=True, non_blocking=True),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=dist_timeout)), ddp],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=dist_timeout)), ddp,
+                         *([AutocastKwargs(cache_enabled=False)] if cuda_graphs else [])],
         log_with=TRACKERS[report_to],
         # The real logging directory (inside the run directory) is set once the run directory is chosen.
         project_config=ProjectConfiguration(logging_dir="runs"),

@@ -36,8 +36,10 @@ from vgg_dist.data import EpochBatchSampler, Split, load_dataset, to_model_input
 from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
 from vgg_dist.model import build_model
 from vgg_dist.synthetic import make_images
-from vgg_dist.training import (DeviceSums, NonFiniteWatch, Training, build_model_and_optimizer, compile_cache_dir,
-                               compiles, make_schedule, maybe_compile, train_step)
+from vgg_dist.cuda_graph import EAGER_STEPS
+from vgg_dist.training import (DeviceSums, NonFiniteWatch, Training, build_model_and_optimizer, check_cuda_graphs,
+                               compile_cache_dir, compiles, make_graphed_update, make_schedule, maybe_compile,
+                               train_step)
 
 
 # The loader alone is timed over this many batches per timed step: it is far faster than a step.
@@ -106,10 +108,13 @@ def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, wa
     model, optimizer = accelerator.prepare(model, optimizer)
     model = maybe_compile(model, config, accelerator.device)  # as the trainer does; the warm-up pays for compiling
     model.train()
-    results = {}
+    results, graphed = {}, None
     for name, loader in zip(("warmup", "timed"), loaders):
         t = Training(accelerator, model, optimizer, make_schedule(config, steps), config, Progress(),
                      DeviceSums(accelerator.device), NonFiniteWatch(accelerator.device))
+        if graphed is None:  # recorded during the warm-up, replayed in the timed steps
+            graphed = make_graphed_update(t)
+        t.graphed = graphed
         reset_peak_memory(accelerator.device)
         synchronize(accelerator.device)
         started = time.perf_counter()
@@ -205,6 +210,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile vgg_dist's model (default: as training does, on with a GPU)")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile's mode")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay each step as a CUDA graph, recorded during the warm-up (one GPU)")
     parser.add_argument("--fused-pool", action="store_true",
                         help="max-pools as reshape + max, for torch.compile to fuse with the ReLU")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -217,6 +224,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         check_positive(name, getattr(args, name))
     if args.warmup < 1 or args.baseline_workers < 0:
         raise UsageError("--warmup must be at least 1 and --baseline-workers at least 0")
+    if args.cuda_graphs and args.warmup <= EAGER_STEPS:
+        raise UsageError(f"--cuda-graphs needs --warmup {EAGER_STEPS + 1} or more: {EAGER_STEPS} eager steps, "
+                         f"then the recording, all before the timed steps")
     return args
 
 
@@ -226,7 +236,8 @@ def format_table(result: dict) -> str:
     lines = [f"device {result['device_name']} ({result['device']}), torch {result['torch']}, "
              f"precision {result['precision']}, {result['processes']} process(es), image {result['image_size']}, "
              f"global batch {result['batch_size']}, compile {result['compile']} ({result['compile_mode']}), "
-             f"fused pool {result['fused_pool']}, channels_last {result['channels_last']}",
+             f"fused pool {result['fused_pool']}, CUDA graphs {result['cuda_graphs']}, "
+             f"channels_last {result['channels_last']}",
              f"{'measurement':<24}{'images/s':>12}{'seconds':>10}"]
     for name, row in rows:
         if row:
@@ -245,10 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = TrainConfig(image_size=args.image_size, batch_size=args.batch_size, width_divisor=args.width_divisor,
                          compile=args.compile, compile_mode=args.compile_mode, fused_pool=args.fused_pool,
-                         channels_last=args.channels_last)
+                         channels_last=args.channels_last, cuda_graphs=args.cuda_graphs)
     config.model_spec(1, 10).check()
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cuda_graphs=args.cuda_graphs)
     check_layout(accelerator, config.batch_size)
+    check_cuda_graphs(accelerator, config)
     needed = (args.warmup + args.steps) * config.batch_size  # the baseline's batches, each image once
     if args.data_dir:
         split = load_dataset("fashion_mnist", args.data_dir).train
@@ -268,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "processes": accelerator.num_processes, "image_size": args.image_size, "batch_size": args.batch_size,
         "width_divisor": args.width_divisor, "steps": args.steps, "warmup": args.warmup,
         "compile": compiles(config, accelerator.device), "compile_mode": args.compile_mode,
-        "fused_pool": args.fused_pool, "channels_last": config.channels_last,
+        "fused_pool": args.fused_pool, "cuda_graphs": args.cuda_graphs, "channels_last": config.channels_last,
         "data": args.data_dir or f"synthetic {len(split)}x28x28 uint8", "command": " ".join(sys.argv),
     }
     if not args.skip_baseline and accelerator.num_processes == 1:

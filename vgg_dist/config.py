@@ -89,6 +89,9 @@ class TrainConfig:
                                         "measured 10% slower; see BENCHMARKS.md)")
     compile_mode: str = _field("default", "torch.compile's mode; reduce-overhead replays the compiled steps as "
                                           "CUDA graphs", choices=COMPILE_MODES)
+    cuda_graphs: bool = _field(False, "record each training step's GPU work once as a CUDA graph and replay it "
+                                      "(one GPU, one process, bf16 or fp32): for small models that launch "
+                                      "more kernels than they compute")
     fused_pool: bool = _field(False, "write each 2x2 max-pool as a reshape and a max, which torch.compile fuses "
                                      "with the ReLU before it (same outputs as nn.MaxPool2d)")
     channels_last: bool = _field(True, "NHWC activations: cuDNN's tensor-core kernels want them, and on "

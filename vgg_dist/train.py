@@ -37,7 +37,8 @@ from vgg_dist.preemption import StopRequest
 from vgg_dist.run_dir import hold_run_dir, resolve_resume
 from vgg_dist.run_files import RunFiles
 from vgg_dist.training import (DeviceSums, NonFiniteWatch, Result, Run, Training, build_model_and_optimizer,
-                               compile_cache_dir, compiles, fit, make_augmenter, make_schedule, maybe_compile)
+                               check_cuda_graphs, compile_cache_dir, compiles, fit, make_augmenter,
+                               make_graphed_update, make_schedule, maybe_compile)
 
 # Dropout streams after a resume on more processes than were saved: a fresh seed per start step,
 # spaced by a prime so that nearby steps never share one.
@@ -49,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv, prog="accelerate launch vgg_dist/train.py", description=__doc__.splitlines()[0])
     stop = StopRequest()
     stop.install()
-    accelerator = make_accelerator(config.dist_timeout, config.report_to, config.ddp_bf16_grads)
+    accelerator = make_accelerator(config.dist_timeout, config.report_to, config.ddp_bf16_grads, config.cuda_graphs)
     check_layout(accelerator, config.batch_size)
+    check_cuda_graphs(accelerator, config)
     layout = gather_layout(accelerator)
     data, splits = load_splits(accelerator, config)
     spec = config.model_spec(in_channels=data.in_channels, num_classes=len(data.class_names))
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
         training = Training(accelerator, model, optimizer, schedule, config, progress, DeviceSums(accelerator.device),
                             NonFiniteWatch(accelerator.device), make_augmenter(accelerator, config), ema)
+        training.graphed = make_graphed_update(training)
         run = Run(train_loader, train_sampler, eval_loaders,
                   maybe_compile(ema.module, config, accelerator.device) if ema else model,
                   spec, run_dir, files, stop)
@@ -190,6 +193,8 @@ def run_header(accelerator: Accelerator, config: TrainConfig, spec: ModelSpec, m
     ranks = ", ".join(f"{entry['rank']}:node{entry['node']}/{entry['device']}" for entry in layout)
     execution = (f"torch.compile mode {config.compile_mode} (cache {compile_cache_dir()})"
                  if compiles(config, accelerator.device) else "eager")
+    if config.cuda_graphs:
+        execution += ", each step replayed as a CUDA graph"
     return (f"vgg_dist: recipe {config.recipe}, {spec.arch} / {spec.width_divisor}"
             f"{' with BatchNorm' if spec.batch_norm else ''}, {count_parameters(model):,} parameters, "
             f"{spec.image_size}x{spec.image_size} input\n"

@@ -8,6 +8,7 @@ loss is noted on the device too, until the processes next agree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ from vgg_dist.accelerated import NO_STEP, agree, evaluate, say, unwrapped_state_
 from vgg_dist.augment import Augmentation, BatchAugmenter
 from vgg_dist.checkpoint_state import EpochSums, Progress
 from vgg_dist.config import TrainConfig
+from vgg_dist.cuda_graph import GraphedUpdate
 from vgg_dist.data import EpochBatchSampler, to_model_input
 from vgg_dist.ema import ModelEMA
 from vgg_dist.errors import Diverged, Preempted, UsageError
@@ -94,27 +96,67 @@ class Training:
     watch: NonFiniteWatch
     augment: BatchAugmenter | None = None
     ema: ModelEMA | None = None
+    graphed: GraphedUpdate | None = None  # `update` as a CUDA graph (--cuda-graphs)
 
 
 def train_step(t: Training, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """One optimizer step on one batch: augment, forward, loss, backward, clip, step, average."""
-    progress, config = t.progress, t.config
-    if t.augment is not None:
-        images = t.augment(images, progress.epoch, progress.step_in_epoch)
-    logits = t.model(to_model_input(images, config.image_size, config.channels_last))
-    loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-    t.optimizer.zero_grad(set_to_none=True)
-    t.accelerator.backward(loss)
-    if config.clip_grad_norm is not None:
-        t.accelerator.clip_grad_norm_(t.model.parameters(), config.clip_grad_norm)
+    """One optimizer step on one batch: the learning rate and the augmentation's random numbers for this
+    step, the device work (`update`, replayed as a CUDA graph with --cuda-graphs), then the weights'
+    average and the running sums."""
+    progress = t.progress
     set_learning_rate(t.optimizer, t.schedule(progress.global_step))
-    t.optimizer.step()
+    draws = t.augment.draw(progress.epoch, progress.step_in_epoch) if t.augment is not None else None
+    if t.graphed is not None:
+        loss, logits = t.graphed(images, labels, draws)
+    else:
+        loss, logits = update(t, images, labels, draws)
     progress.step_in_epoch += 1
     progress.global_step += 1
     if t.ema is not None:
         t.ema.update(progress.global_step)
-    t.sums.add(loss.detach(), logits.detach(), labels)
-    t.watch.record(loss.detach(), progress.global_step)
+    t.sums.add(loss, logits, labels)
+    t.watch.record(loss, progress.global_step)
+
+
+def update(t: Training, images: torch.Tensor, labels: torch.Tensor,
+           draws: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's device work, from a batch to new weights: augment, forward, loss, backward, clip, optimizer
+    step; the loss and logits come back detached. Nothing here waits for the host, so it can be recorded
+    as a CUDA graph; the gradients are set to None before the backward writes them."""
+    if draws is not None:
+        images = t.augment.apply(images, draws)
+    logits = t.model(to_model_input(images, t.config.image_size, t.config.channels_last))
+    loss = F.cross_entropy(logits, labels, label_smoothing=t.config.label_smoothing)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.accelerator.backward(loss)
+    if t.config.clip_grad_norm is not None:
+        t.accelerator.clip_grad_norm_(t.model.parameters(), t.config.clip_grad_norm)
+    t.optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def check_cuda_graphs(accelerator: Accelerator, config: TrainConfig) -> None:
+    """--cuda-graphs records one GPU's step: say which launch it does not fit, before any work."""
+    if not config.cuda_graphs:
+        return
+    if config.compile_mode == "reduce-overhead":
+        raise UsageError("--cuda-graphs and --compile-mode reduce-overhead both record CUDA graphs; use one "
+                         "(--cuda-graphs records the optimizer's update too)")
+    if accelerator.device.type != "cuda":
+        raise UsageError("--cuda-graphs needs a GPU and none is visible; leave it out on a CPU")
+    if accelerator.num_processes > 1:
+        raise UsageError(f"--cuda-graphs records one process's step and this launch has "
+                         f"{accelerator.num_processes}; leave it out with several processes")
+    if accelerator.mixed_precision == "fp16":
+        raise UsageError("--cuda-graphs cannot record fp16's loss scaling, which checks for infinities on the "
+                         "host; use --mixed_precision bf16 or no")
+
+
+def make_graphed_update(t: Training) -> GraphedUpdate | None:
+    """With --cuda-graphs, `update` replayed as a CUDA graph (after a few eager steps)."""
+    if not t.config.cuda_graphs:
+        return None
+    return GraphedUpdate(functools.partial(update, t), t.optimizer, t.accelerator.device)
 
 
 def build_model_and_optimizer(accelerator: Accelerator, config: TrainConfig,
