@@ -148,6 +148,14 @@ def test_model_input_is_resized_and_scaled():
     assert x[0, 0, 0, 0] == 0 and x[0, 0, 0, -1] == 1  # corners keep their pixel
 
 
+def test_one_channel_input_gets_nhwc_strides_over_the_same_values():
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    plain, nhwc = to_model_input(images, 64), to_model_input(images, 64, channels_last=True)
+    assert torch.equal(plain, nhwc) and nhwc.stride() == (64 * 64, 1, 64, 1)
+    color = to_model_input(images.expand(3, 3, 28, 28), 64, channels_last=True)
+    assert color.stride() == (64 * 64 * 3, 1, 64 * 3, 3)
+
+
 def test_device_resize_is_close_to_the_chapters_pil_resize():
     from PIL import Image
     from torchvision import transforms
