@@ -3,28 +3,35 @@
 # Every single-GPU measurement the speed and recipe issues ask for, in one run on a lent H100/H200.
 # Real Fashion-MNIST must be in data/fashion_mnist (python3 ../shared/data/fashion_mnist.py data/fashion_mnist
 # here, then carry "data/fashion_mnist" to the device). Sections, in order of priority (SECTIONS picks):
-#   bench     the benchmark at 224, bf16: eager, compiled, compiled + fused pool, reduce-overhead
-#             (CUDA graphs); fp32 compiled; one torch.profiler table of the compiled step
-#   chapter   the chapter recipe, bf16, twice: the first run fills the compile cache, the second is warm
-#   recipes   --recipe fast and --recipe best, bf16, seed 0
-# By estimate (compilation dominates): bench about 4 minutes, chapter 2, recipes 2-3 on an H200; with a
-# 15-minute device budget run SECTIONS="bench chapter" first and the recipes in a second call. Logs, JSON
-# and metrics land in OUT_DIR; weights stay in a scratch directory. SMOKE=1 runs every step at toy
-# sizes on any machine, to check the script itself (3.5 minutes on a 2-core CPU).
+#   bench     the benchmark at 224, bf16: eager, eager + CUDA graphs, compiled, compiled + fused pool,
+#             compiled + fused pool + CUDA graphs, reduce-overhead; fp32 compiled beside the chapter's
+#             own loop; one torch.profiler table of the compiled step
+#   chapter   the chapter recipe, bf16: twice as it is by default (the first run fills a fresh compile
+#             cache, the second finds it warm), then with --fused-pool --cuda-graphs
+#   fast      --recipe fast, bf16: as it is, eager with --cuda-graphs, compiled with --cuda-graphs;
+#             then seeds 1 and 2 with --cuda-graphs --no-compile for the 3-seed mean
+#   best      --recipe best, bf16, seed 0, with --cuda-graphs --no-compile
+# Estimates, not measurements (compilation dominates): bench 5-6 minutes, chapter 3-4, fast 2-3, best 3-4
+# on an H200. A call may run 10 minutes and a session has 15 of device time in all: run SECTIONS=bench
+# first, then SECTIONS="chapter fast". Logs, JSON and metrics land in OUT_DIR; weights stay in a scratch
+# directory. SMOKE=1 runs every step at toy sizes on any machine, to check the script itself (on a CPU
+# the --cuda-graphs steps stop at once with their one-line error, which the log keeps). Afterwards
+# `python3 launch/summarize_gpu_check.py OUT_DIR` prints every figure as markdown tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu_check}}"
 mkdir -p "$out"
 scratch="$(mktemp -d)"
 export PYTHONUNBUFFERED=1
-export TORCHINDUCTOR_CACHE_DIR="$scratch/compile_cache"  # starts cold, so the first run shows the compile cost
+export TORCHINDUCTOR_CACHE_DIR="$scratch/bench_cache"  # each section starts cold, so its first run shows
+                                                       # what compiling costs
 py="${PYTHON:-python3}"  # the lent GPU machines' python3 is the one that holds PyTorch
-sections="${SECTIONS:-bench chapter recipes}"
+sections="${SECTIONS:-bench chapter fast best}"
 data="${DATA_DIR:-data/fashion_mnist}"
 if [ "${SMOKE:-0}" = 1 ]; then
   "$py" -c "from vgg_dist.synthetic import write_dataset; write_dataset('$scratch/data', 512, 200)"
   data="$scratch/data"
-  bench_size=(--image-size 32 --steps 2 --warmup 1 --batch-size 16 --baseline-workers 0)
+  bench_size=(--image-size 32 --steps 2 --warmup 4 --batch-size 16 --baseline-workers 0)
   run_size=(--epochs 1 --max-train-samples 256 --max-eval-samples 100 --image-size 32 --warmup-epochs 0
             --no-compile)
 else
@@ -60,18 +67,30 @@ train() {  # name, then flags; bf16 like the issue's baseline
 
 case " $sections " in *" bench "*)
   bench bf16_eager bf16 --no-compile --skip-baseline
+  bench bf16_eager_cuda_graphs bf16 --no-compile --cuda-graphs --skip-baseline
   bench bf16_compiled bf16 --compile --skip-baseline --profile "$out/profile_bf16_compiled.txt"
   bench bf16_compiled_fused_pool bf16 --compile --fused-pool --skip-baseline
+  bench bf16_compiled_fused_pool_cuda_graphs bf16 --compile --fused-pool --cuda-graphs --skip-baseline \
+    --profile "$out/profile_bf16_compiled_fused_pool_cuda_graphs.txt"
   bench bf16_reduce_overhead bf16 --compile --compile-mode reduce-overhead --skip-baseline
   bench fp32_compiled no --compile  # with the chapter's own loop beside it
 esac
 case " $sections " in *" chapter "*)
+  export TORCHINDUCTOR_CACHE_DIR="$scratch/chapter_cache"
   train chapter_cold_cache
   train chapter_warm_cache
+  train chapter_fused_pool_cuda_graphs --fused-pool --cuda-graphs
 esac
-case " $sections " in *" recipes "*)
-  train recipe_fast --recipe fast
-  train recipe_best --recipe best
+case " $sections " in *" fast "*)
+  export TORCHINDUCTOR_CACHE_DIR="$scratch/fast_cache"
+  train fast --recipe fast
+  train fast_eager_cuda_graphs --recipe fast --no-compile --cuda-graphs
+  train fast_compiled_cuda_graphs --recipe fast --cuda-graphs
+  train fast_eager_cuda_graphs_seed1 --recipe fast --no-compile --cuda-graphs --seed 1
+  train fast_eager_cuda_graphs_seed2 --recipe fast --no-compile --cuda-graphs --seed 2
+esac
+case " $sections " in *" best "*)
+  train best_eager_cuda_graphs --recipe best --no-compile --cuda-graphs
 esac
 rm -rf "$scratch"
 step done

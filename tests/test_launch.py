@@ -153,7 +153,8 @@ for pid in "${{pids[@]}}"; do
 done
 exit $status
 """)
-    _stub(stubs, "scontrol", f'echo "scontrol $*" >> {calls}\nif [ "$1 $2" = "show hostnames" ]; then echo 127.0.0.1; fi\n')
+    _stub(stubs, "scontrol",
+          f'echo "scontrol $*" >> {calls}\nif [ "$1 $2" = "show hostnames" ]; then echo 127.0.0.1; fi\n')
     _stub(stubs, "sbatch", f'echo "sbatch $*" >> {calls}\n')
     submit_dir = tmp_path / "submit"
     submit_dir.mkdir()
@@ -198,3 +199,39 @@ def test_sbatch_forms_one_world_and_turns_the_time_limit_signal_into_a_checkpoin
     newest = checkpoint.list_checkpoints(run_dir / "checkpoints")[-1]
     checkpoint.verify(newest)
     assert f"checkpoint {newest}" in stdout  # the one written on the way out is complete
+
+
+def test_gpu_check_summary_computes_each_figure_from_the_files_and_marks_failures(tmp_path):
+    """launch/summarize_gpu_check.py on an OUT directory shaped like gpu_check.sh's (small made-up runs)."""
+    def epoch(number, seconds, accuracy, memory):
+        return {"epoch": number, "train_samples": 1000, "seconds": seconds, "eval_seconds": 0.5,
+                "examples_per_sec": 1000 / seconds, "test_acc": accuracy, "peak_memory_bytes": memory}
+
+    for name, accuracy in (("fast", 0.94), ("fast_seed1", 0.92), ("fast_seed2", 0.93)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.txt").write_text("...\n")
+        epochs = [epoch(1, 4.0, 0.5, 3 * 2**20), epoch(2, 1.0, 0.8, 2 * 2**20), epoch(3, 0.5, accuracy, 2 * 2**20)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+        (tmp_path / name / "wall_seconds.txt").write_text("12.25\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "log.txt").write_text("vgg_dist: --cuda-graphs needs a GPU and none is visible\n")
+    (tmp_path / "bench_eager.json").write_text(json.dumps({
+        "precision": "bf16", "compile_mode": "default", "fused_pool": False, "cuda_graphs": True,
+        "vgg_dist": {"images_per_sec": 41234.5, "compiled": False, "warmup_seconds": 2.0,
+                     "peak_memory_bytes": 1536 * 2**20}}))
+    (tmp_path / "bench_eager.log").write_text("table\n")
+    (tmp_path / "bench_crashed.log").write_text("Traceback ...\nRuntimeError: capture failed\n")
+
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "summarize_gpu_check.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    # 3000 images over 5.5 s of training; epochs 2+ at 1000 and 2000 img/s; 7 s training + evaluation.
+    assert "| fast | 3 | 0.9400 | 545 | 1,500 | 4.0 | 7.0 | 12.2 | 2–2 |" in lines
+    assert "| broken | failed: vgg_dist: --cuda-graphs needs a GPU and none is visible |" in lines
+    assert "| eager | bf16 | no | False | True | 41,234 |  | 2.0 | 1,536 |" in lines
+    assert "| crashed | failed: RuntimeError: capture failed |" in lines
+    assert "fast: 3 seeds, mean test acc 0.9300 (sd 0.0100; 0.9400, 0.9200, 0.9300)" in lines
+    refused = subprocess.run([sys.executable, str(REPO / "launch" / "summarize_gpu_check.py"), str(tmp_path / "no")],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "usage:" in refused.stderr
