@@ -15,6 +15,14 @@ import sys
 from pathlib import Path
 
 SEED_SUFFIX = re.compile(r"_seed(\d+)$")
+FAILED_STEP = re.compile(r"^(?:train|bench) (\S+) failed \((\d+)\)$")
+
+
+def failed_steps(out: Path) -> dict[str, str]:
+    """Each step that gpu_check.sh saw exit non-zero, and its exit status (124: its timeout)."""
+    log = out / "steps.log"
+    matches = (FAILED_STEP.match(line) for line in (log.read_text().splitlines() if log.exists() else []))
+    return {match[1]: match[2] for match in matches if match}
 
 
 def bench_rows(out: Path) -> list[str]:
@@ -58,10 +66,15 @@ def run_rows(out: Path) -> list[str]:
     rows = ["| run | epochs | test acc | img/s, whole run | img/s, epochs 2+ (median) | epoch 1 s | "
             "train + eval s | wall s | peak memory, epochs 2+ (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
     seeds: dict[str, list[float]] = {}
+    failed = failed_steps(out)
     for run in sorted(path for path in out.iterdir() if (path / "log.txt").exists()):
         summary = run_summary(run)
         if summary is None:
             rows.append(f"| {run.name} | failed: {last_line(run / 'log.txt')} |")
+            continue
+        if run.name in failed:  # it trained some epochs, then stopped: its figures are not a whole run
+            rows.append(f"| {run.name} | stopped with exit status {failed[run.name]} after {summary['epochs']} "
+                        f"epoch(s): {last_line(run / 'log.txt')} |")
             continue
         seeds.setdefault(SEED_SUFFIX.sub("", run.name), []).append(summary["test_acc"])
         memory = summary["memory_mib"]

@@ -215,6 +215,10 @@ def test_gpu_check_summary_computes_each_figure_from_the_files_and_marks_failure
         (tmp_path / name / "wall_seconds.txt").write_text("12.25\n")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "log.txt").write_text("vgg_dist: --cuda-graphs needs a GPU and none is visible\n")
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "log.txt").write_text("epoch 1/40: ...\n")
+    (tmp_path / "slow" / "metrics.jsonl").write_text(json.dumps(epoch(1, 4.0, 0.5, 2**20)) + "\n")
+    (tmp_path / "steps.log").write_text("== 10:00:00 train slow\ntrain slow failed (124)\n")
     (tmp_path / "bench_eager.json").write_text(json.dumps({
         "precision": "bf16", "compile_mode": "default", "fused_pool": False, "cuda_graphs": True,
         "vgg_dist": {"images_per_sec": 41234.5, "compiled": False, "warmup_seconds": 2.0,
@@ -229,6 +233,7 @@ def test_gpu_check_summary_computes_each_figure_from_the_files_and_marks_failure
     # 3000 images over 5.5 s of training; epochs 2+ at 1000 and 2000 img/s; 7 s training + evaluation.
     assert "| fast | 3 | 0.9400 | 545 | 1,500 | 4.0 | 7.0 | 12.2 | 2–2 |" in lines
     assert "| broken | failed: vgg_dist: --cuda-graphs needs a GPU and none is visible |" in lines
+    assert "| slow | stopped with exit status 124 after 1 epoch(s): epoch 1/40: ... |" in lines
     assert "| eager | bf16 | no | False | True | 41,234 |  | 2.0 | 1,536 |" in lines
     assert "| crashed | failed: RuntimeError: capture failed |" in lines
     assert "fast: 3 seeds, mean test acc 0.9300 (sd 0.0100; 0.9400, 0.9200, 0.9300)" in lines
