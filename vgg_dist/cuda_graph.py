@@ -7,8 +7,8 @@ reads in place: the batch, its labels, the augmentation's random numbers and the
 draws from PyTorch's default CUDA generator, which a replay advances by itself.
 
 Nothing here knows what a step does: `update(images, labels, draws) -> (loss, logits)` is the trainer's.
-It must not wait for the host and must begin by setting the gradients to None, so that the recorded
-backward writes them afresh on every replay.
+It must not wait for the host, and must set the gradients to None before its backward, so that the
+recorded backward writes them afresh (into the graph's own memory) on every replay.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ EAGER_STEPS = 3
 def record_cuda_graph(step: Callable[[], None]) -> Callable[[], None]:
     """Record `step`'s kernels (without running them) and return what replays them."""
     graph = torch.cuda.CUDAGraph()
-    # thread_local: a DataLoader's pinning thread may allocate host memory while this thread records.
+    # thread_local: another thread (a DataLoader's pinning thread, a tracker) may use CUDA meanwhile.
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         step()
     return graph.replay
