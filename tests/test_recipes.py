@@ -95,17 +95,23 @@ def test_each_process_augments_exactly_its_rows_of_the_global_batch():
 
 def test_ema_follows_its_formula_and_differs_from_the_raw_weights():
     torch.manual_seed(0)
-    model = nn.Linear(3, 2)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     ema = ModelEMA(model, decay=0.9)
-    expected = model.weight.detach().clone()
+    expected_weight = model[0].weight.detach().clone()
+    expected_mean = model[1].running_mean.clone()
     for step in (1, 2, 3):
         with torch.no_grad():
-            model.weight.add_(1.0)
+            model[0].weight.add_(1.0)
+        model(torch.randn(4, 3))  # training mode: BatchNorm's running statistics and batch count move
         ema.update(step)
         decay = min(0.9, (1 + step) / (10 + step))
-        expected = decay * expected + (1 - decay) * model.weight.detach()
-    torch.testing.assert_close(ema.module.weight, expected)
-    assert not torch.allclose(ema.module.weight, model.weight)
+        expected_weight = decay * expected_weight + (1 - decay) * model[0].weight.detach()
+        expected_mean = decay * expected_mean + (1 - decay) * model[1].running_mean
+    torch.testing.assert_close(ema.module[0].weight, expected_weight)
+    torch.testing.assert_close(ema.module[1].running_mean, expected_mean)  # averaged like the weights
+    assert ema.module[1].num_batches_tracked == 3  # an integer: copied
+    assert not torch.allclose(ema.module[0].weight, model[0].weight)
+    assert not torch.allclose(ema.module[1].running_mean, model[1].running_mean)
 
 
 def test_weight_decay_spares_biases_and_batchnorm():
