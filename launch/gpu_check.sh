@@ -10,7 +10,8 @@
 #             cache, the second finds it warm), then with --fused-pool --cuda-graphs
 #   fast      --recipe fast, bf16: as it is, eager with --cuda-graphs, compiled with --cuda-graphs;
 #             then seeds 1 and 2 with --cuda-graphs --no-compile for the 3-seed mean
-#   best      --recipe best, bf16, seed 0, with --cuda-graphs --no-compile
+#   best      --recipe best, bf16, seed 0, with --cuda-graphs --no-compile; then the same with random
+#             erasing and the weight EMA, which were neutral at a quarter of the width
 # Estimates, not measurements (compilation dominates): bench 5-6 minutes, chapter 3-4, fast 2-3, best 3-4
 # on an H200. A call may run 10 minutes and a session has 15 of device time in all: run SECTIONS=bench
 # first, then SECTIONS="chapter fast". Logs, JSON and metrics land in OUT_DIR; weights stay in a scratch
@@ -91,6 +92,7 @@ case " $sections " in *" fast "*)
 esac
 case " $sections " in *" best "*)
   train best_eager_cuda_graphs --recipe best --no-compile --cuda-graphs
+  train best_erase_ema_eager_cuda_graphs --recipe best --no-compile --cuda-graphs --random-erase 0.25 --model-ema
 esac
 rm -rf "$scratch"
 step done
