@@ -102,6 +102,3 @@ class BatchAugmenter:
 
     def apply(self, images: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.augmentation.apply(images, draws)
-
-    def __call__(self, images: torch.Tensor, epoch: int, step_in_epoch: int) -> torch.Tensor:
-        return self.apply(images, self.draw(epoch, step_in_epoch))
