@@ -32,11 +32,11 @@ from vgg_dist.accelerated import agree, check_layout, finish, make_accelerator, 
 from vgg_dist.checkpoint_state import Progress
 from vgg_dist.cli import FlagParser, check_positive
 from vgg_dist.config import COMPILE_MODES, TrainConfig
+from vgg_dist.cuda_graph import EAGER_STEPS
 from vgg_dist.data import EpochBatchSampler, Split, load_dataset, to_model_input
 from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
 from vgg_dist.model import build_model
 from vgg_dist.synthetic import make_images
-from vgg_dist.cuda_graph import EAGER_STEPS
 from vgg_dist.training import (DeviceSums, NonFiniteWatch, Training, build_model_and_optimizer, check_cuda_graphs,
                                compile_cache_dir, compiles, make_graphed_update, make_schedule, maybe_compile,
                                train_step)
