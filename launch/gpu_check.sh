@@ -1,6 +1,6 @@
 #!/bin/bash
 # bash launch/gpu_check.sh OUT_DIR
-# Every single-GPU measurement the speed and recipe issues ask for, in one run on a lent H100/H200.
+# Every single-GPU measurement the speed and recipe issues ask for, on a lent H100/H200, in sections.
 # Real Fashion-MNIST must be in data/fashion_mnist (python3 ../shared/data/fashion_mnist.py data/fashion_mnist
 # here, then carry "data/fashion_mnist" to the device). Sections, in order of priority (SECTIONS picks):
 #   bench     the benchmark at 224, bf16: eager, eager + CUDA graphs, compiled, compiled + fused pool,
