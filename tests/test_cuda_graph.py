@@ -12,6 +12,7 @@ from vgg_dist.config import parse_config
 from vgg_dist.cuda_graph import EAGER_STEPS, GraphedUpdate
 from vgg_dist.ema import ModelEMA
 from vgg_dist.errors import UsageError
+from vgg_dist.optim import make_sgd
 from vgg_dist.training import (DeviceSums, NonFiniteWatch, Training, build_model_and_optimizer, check_cuda_graphs,
                                make_augmenter, make_schedule, train_step, update)
 
@@ -26,8 +27,9 @@ def _config(*flags):
     return parse_config(list(flags), prog="t", description="t")
 
 
-def _train(graphed: bool) -> tuple[Training, dict]:
-    """STEPS steps with every feature on, through train_step; `graphed` replays `update` from a recording."""
+def _train(graphed: bool, fused: bool) -> tuple[Training, dict]:
+    """STEPS steps with every feature on, through train_step; `graphed` replays `update` from a recording.
+    `fused`: the fused SGD a GPU gets (the CPU has one too), which reads the recording's tensor lr."""
     config = _config(*EVERY_FEATURE)
     recorded = {"recordings": 0, "replays": 0}
 
@@ -42,6 +44,8 @@ def _train(graphed: bool) -> tuple[Training, dict]:
     with isolated_run():
         accelerator = make_accelerator()
         model, optimizer = build_model_and_optimizer(accelerator, config, config.model_spec(1, 10))
+        if fused:
+            optimizer = make_sgd(model, config.lr, config.momentum, config.nesterov, config.weight_decay, fused=True)
         ema = ModelEMA(model, config.model_ema_decay)
         model, optimizer = accelerator.prepare(model, optimizer)
         t = Training(accelerator, model, optimizer, make_schedule(config, STEPS // 2), config, Progress(),
@@ -57,9 +61,11 @@ def _train(graphed: bool) -> tuple[Training, dict]:
     return t, recorded
 
 
-def test_a_graphed_step_trains_exactly_like_an_eager_one():
-    eager, _ = _train(graphed=False)
-    graphed, recorded = _train(graphed=True)
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach_sgd", "fused_sgd"])
+def test_a_graphed_step_trains_exactly_like_an_eager_one(fused):
+    eager, _ = _train(graphed=False, fused=fused)
+    graphed, recorded = _train(graphed=True, fused=fused)
+    assert all(bool(group["fused"]) is fused for group in graphed.optimizer.param_groups)
     assert recorded == {"recordings": 1, "replays": STEPS - EAGER_STEPS}
     # The schedule changes the rate every step: a recording that kept its first rate would drift here.
     for name, value in eager.model.state_dict().items():  # weights and BatchNorm's running statistics
