@@ -28,18 +28,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vgg_dist.accelerated import agree, check_layout, finish, make_accelerator, make_loader
-from vgg_dist.checkpoint_state import Progress
 from vgg_dist.cli import FlagParser, check_positive
 from vgg_dist.config import COMPILE_MODES, TrainConfig
-from vgg_dist.cuda_graph import EAGER_STEPS
-from vgg_dist.data import EpochBatchSampler, Split, load_dataset, to_model_input
+from vgg_dist.data.batches import EpochBatchSampler, to_model_input
+from vgg_dist.data.sources import Split, load_dataset
+from vgg_dist.data.synthetic import make_images
 from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
 from vgg_dist.model import build_model
-from vgg_dist.synthetic import make_images
-from vgg_dist.training import (DeviceSums, NonFiniteWatch, Training, build_model_and_optimizer, check_cuda_graphs,
-                               compile_cache_dir, compiles, make_graphed_update, make_schedule, maybe_compile,
-                               train_step)
+from vgg_dist.training.cuda_graph import EAGER_STEPS
+from vgg_dist.training.dist import agree, check_layout, finish, make_accelerator, make_loader
+from vgg_dist.training.loop import NonFiniteWatch, Run, make_update, train_step
+from vgg_dist.training.setup import (build_model_and_optimizer, check_cuda_graphs, compile_cache_dir, compiles,
+                                     make_schedule, maybe_compile)
+from vgg_dist.training.state import Progress, TrainState
 
 
 # The loader alone is timed over this many batches per timed step: it is far faster than a step.
@@ -95,7 +96,7 @@ def time_baseline(split: Split, config: TrainConfig, device: torch.device, steps
 
 def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, warmup: int,
                   profile: Path | None = None) -> dict:
-    """vgg_dist's own `train_step` over a prepared model, optimizer and loader, agreeing across
+    """vgg_dist's own `train_step` over a prepared model, optimizer and loader, meeting the other
     processes every --sync-every steps as `fit` does. With `profile`, a few more steps then run under
     torch.profiler and its table of where the time went is written there."""
     model, optimizer = build_model_and_optimizer(accelerator, config, config.model_spec(1, 10))
@@ -108,27 +109,27 @@ def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, wa
     model, optimizer = accelerator.prepare(model, optimizer)
     model = maybe_compile(model, config, accelerator.device)  # as the trainer does; the warm-up pays for compiling
     model.train()
-    results, graphed = {}, None
+    state = TrainState(accelerator=accelerator, model=model, optimizer=optimizer, ema=None, seed=config.seed)
+    run = Run(config=config, schedule=make_schedule(config, steps))
+    update = make_update(state, run)  # with --cuda-graphs: recorded during the warm-up, replayed when timed
+    results = {}
     for name, loader in zip(("warmup", "timed"), loaders):
-        t = Training(accelerator, model, optimizer, make_schedule(config, steps), config, Progress(),
-                     DeviceSums(accelerator.device), NonFiniteWatch(accelerator.device))
-        if graphed is None:  # recorded during the warm-up, replayed in the timed steps
-            graphed = make_graphed_update(t)
-        t.graphed = graphed
+        state.progress, watch = Progress(), NonFiniteWatch(accelerator.device)
+        state.sums.reset()
         reset_peak_memory(accelerator.device)
         synchronize(accelerator.device)
         started = time.perf_counter()
         for images, labels in loader:
-            train_step(t, images, labels)
-            if t.progress.global_step % config.sync_every == 0:
-                agree(accelerator, False, t.watch.first_bad(t.progress.global_step))
-        t.sums.reduced(accelerator)  # what an epoch ends with; waits for the device
+            watch.record(train_step(state, run, update, images, labels), state.progress.global_step)
+            if state.progress.global_step % config.sync_every == 0:
+                agree(accelerator, False, watch.first_bad(state.progress.global_step), state.sums.values)
+        state.sums.reduced(accelerator)  # what an epoch ends with; waits for the device
         seconds = time.perf_counter() - started
-        results[name] = {"images_per_sec": t.progress.global_step * config.batch_size / seconds, "seconds": seconds,
-                         "steps": t.progress.global_step}
+        results[name] = {"images_per_sec": state.progress.global_step * config.batch_size / seconds,
+                         "seconds": seconds, "steps": state.progress.global_step}
     results["timed"]["peak_memory_bytes"] = peak_memory(accelerator.device)
     if profile is not None:
-        write_profile(t, loaders[0], profile)
+        write_profile(state, run, update, loaders[0], profile)
     results["timed"]["compiled"] = hasattr(model, "_orig_mod")  # what really ran, not the flag
     results["timed"]["warmup_seconds"] = results["warmup"]["seconds"]  # compilation included
     if results["timed"]["compiled"]:
@@ -136,16 +137,16 @@ def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, wa
     return results["timed"]
 
 
-def write_profile(t: Training, loader, path: Path) -> None:
+def write_profile(state: TrainState, run: Run, update, loader, path: Path) -> None:
     """Profile the warm-up loader's steps again (already compiled) and write the top operators and
     kernels by device time (CPU time without a GPU)."""
     from torch.profiler import ProfilerActivity, profile
-    on_gpu = t.accelerator.device.type == "cuda"
+    on_gpu = state.accelerator.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as profiler:
         for images, labels in loader:
-            train_step(t, images, labels)
-        synchronize(t.accelerator.device)
+            train_step(state, run, update, images, labels)
+        synchronize(state.accelerator.device)
     table = profiler.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=40)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table + "\n")

@@ -13,10 +13,13 @@ def flag(name: str) -> str:
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Appends each flag's default unless its help already says it, and leaves out "none" defaults."""
+    """Appends each flag's default unless its help already says it, and leaves out "none" defaults.
+
+    Help texts are plain text: a `%` in one is printed as written (argparse would read it as a format).
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
+        text = (action.help or "").replace("%", "%%")
         if "(default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"

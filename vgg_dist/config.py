@@ -1,4 +1,5 @@
-"""The one training configuration: a dataclass whose fields become the command-line flags."""
+"""The one training configuration: a dataclass whose fields become the command-line flags, grouped as
+`--help` shows them, filled from a recipe, a `--config` file and the command line, then validated."""
 
 from __future__ import annotations
 
@@ -14,22 +15,27 @@ from pathlib import Path
 import yaml
 
 from vgg_dist.cli import FlagParser, check_positive, flag
-from vgg_dist.data import DATASETS
+from vgg_dist.data.sources import DATASETS
 from vgg_dist.errors import UsageError
+from vgg_dist.fields import FieldError, checked_fields, short
 from vgg_dist.model import ARCHITECTURES, ModelSpec
-from vgg_dist.optim import SCHEDULES
-from vgg_dist.run_files import TRAIN_CONFIG_NAME
+from vgg_dist.training.optim import SCHEDULES
 
+TRAIN_CONFIG_NAME = "train_config.yaml"  # what every run writes: --config THIS_FILE reproduces its recipe
 MAX_SEED = 2 ** 32 - 1           # NumPy's seeds are 32-bit
 MAX_DIST_TIMEOUT = 7 * 24 * 3600  # a week: beyond it a collective is not waiting, it is lost
 MAX_CROP_PADDING = 16
+MAX_CONFIG_BYTES = 1 << 20       # a recipe is a few hundred bytes; a megabyte is not a recipe
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MAX_LR = 3.4028234663852886e38   # the optimizer multiplies float32 gradients by it
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+# --help shows the flags in these groups, in this order.
+GROUPS = ("data", "model", "optimisation", "augmentation", "evaluation", "distributed", "checkpoints", "output",
+          "speed")
 
 
-def _field(default, help: str, **metadata):
-    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+def _field(default, group: str, help: str, **metadata):
+    return dataclasses.field(default=default, metadata={"group": group, "help": help, **metadata})
 
 
 @dataclasses.dataclass
@@ -39,83 +45,82 @@ class TrainConfig:
     Everything beyond the chapter is off by default; named recipes (--recipe) switch it on.
     """
 
-    recipe: str = _field("chapter", "a named set of flag values; any flag given as well overrides the recipe's "
-                                    "value (see 'recipes' below)")
-    # Data
-    data_dir: str | None = _field(None, "directory holding Zalando's four IDX files "
-                                        "(default: load from the Hugging Face Hub)")
-    dataset: str = _field("fashion_mnist", "which dataset", choices=tuple(DATASETS))
-    max_train_samples: int | None = _field(None, "use only the first N training images (quick runs)")
-    max_eval_samples: int | None = _field(None, "use only the first N test images (quick runs)")
-    val_split: float = _field(0.0, "hold out this fraction of the training images (the last ones) as a "
-                                   "validation set, evaluated every epoch beside the test set; tune on it")
-    # Model
+    recipe: str = _field("chapter", "optimisation", "a named set of flag values; any flag given as well "
+                                                    "overrides the recipe's value (see 'recipes' below)")
+    data_dir: str | None = _field(None, "data", "directory holding Zalando's four IDX files "
+                                                "(default: load from the Hugging Face Hub)")
+    dataset: str = _field("fashion_mnist", "data", "which dataset", choices=tuple(DATASETS))
+    class_names: str | None = _field(None, "data", "text file with one class name per line, for IDX data that "
+                                                   "is neither Fashion-MNIST nor MNIST")
+    max_train_samples: int | None = _field(None, "data", "use only the first N training images (quick runs)")
+    max_eval_samples: int | None = _field(None, "data", "use only the first N test images (quick runs)")
+    val_split: float = _field(0.0, "data", "hold out this fraction of the training images (the last ones) as a "
+                                           "validation set, evaluated every epoch beside the test set; tune on it")
     # Listed in --help but checked by the model, whose message says what to choose.
-    arch: str = _field(ModelSpec.arch, "VGG depth", metavar="{" + ",".join(ARCHITECTURES) + "}")
-    width_divisor: int = _field(ModelSpec.width_divisor, "divide every conv's channel count by this "
-                                                         "(the chapter's ratio)")
-    batch_norm: bool = _field(ModelSpec.batch_norm, "BatchNorm after every conv")
-    sync_bn: bool = _field(True, "with --batch-norm on several processes, compute BatchNorm statistics over "
-                                 "the global batch, so 1 and N processes take the same steps")
-    hidden_size: int = _field(ModelSpec.hidden_size, "width of the two hidden fully connected layers")
-    dropout: float = _field(ModelSpec.dropout, "dropout probability in the classifier "
-                                               "(masks are drawn per process)")
-    image_size: int = _field(ModelSpec.image_size, "resize images to this side, a multiple of 32")
-    # Optimisation
-    epochs: int = _field(10, "passes over the training set")
-    batch_size: int = _field(128, "GLOBAL batch size, split evenly across processes, so 1 and N "
-                                  "processes take the same optimizer steps")
-    lr: float = _field(0.05, "SGD learning rate (the peak of a schedule)")
-    lr_schedule: str = _field("constant", "learning rate over the run, set every step", choices=SCHEDULES)
-    warmup_epochs: float = _field(0.0, "rise linearly from 0 to --lr over this many epochs first")
-    momentum: float = _field(0.0, "SGD momentum (the chapter uses none)")
-    nesterov: bool = _field(False, "Nesterov momentum (needs --momentum)")
-    weight_decay: float = _field(0.0, "L2 weight decay on weights; never on biases or BatchNorm")
-    label_smoothing: float = _field(0.0, "cross-entropy label smoothing")
-    clip_grad_norm: float | None = _field(None, "clip the gradients' global norm to this")
-    seed: int = _field(0, "seed for weights, data order, augmentation and dropout")
-    # Augmentation, on the device, seeded by seed/epoch/step
-    random_crop_padding: int = _field(0, "random translation: pad the 28x28 image by this many pixels, "
-                                         "crop 28x28 at random")
-    hflip: float = _field(0.0, "probability of a horizontal flip")
-    random_erase: float = _field(0.0, "probability of erasing a random rectangle (random erasing)")
-    # Evaluation
-    model_ema: bool = _field(False, "keep an exponential moving average of the weights; evaluate and save it")
-    model_ema_decay: float = _field(0.999, "decay of --model-ema per step")
-    tta: bool = _field(False, "test-time augmentation: average the predictions on each image and its mirror")
-    # Speed
-    compile: bool | None = _field(None, "torch.compile the model, training and evaluation (default: on with a GPU, "
-                                        "where it measured 1.4x faster per epoch, off on a CPU, where it "
-                                        "measured 10% slower; see BENCHMARKS.md)")
-    compile_mode: str = _field("default", "torch.compile's mode; reduce-overhead replays the compiled steps as "
-                                          "CUDA graphs", choices=COMPILE_MODES)
-    cuda_graphs: bool = _field(False, "record each training step's GPU work once as a CUDA graph and replay it "
-                                      "(one GPU, one process, bf16 or fp32): for small models that launch "
-                                      "more kernels than they compute")
-    fused_pool: bool = _field(False, "write each 2x2 max-pool as a reshape and a max, which torch.compile fuses "
-                                     "with the ReLU before it (same outputs as nn.MaxPool2d)")
-    channels_last: bool = _field(True, "NHWC activations: cuDNN's tensor-core kernels want them, and on "
-                                       "the CPU oneDNN ran this model 1.5x faster with them (BENCHMARKS.md)")
-    ddp_bf16_grads: bool = _field(False, "all-reduce gradients in bf16 (DDP comm hook): half the traffic, "
-                                         "for multi-node runs on slow networks")
-    # Output
-    output_dir: str | None = _field(None, "run directory; must be new or empty unless resuming its own run "
-                                          "(default: runs/<timestamp>)")
-    # What you see
-    progress: bool | None = _field(None, "progress bar per epoch (default: on when stdout is a terminal)")
-    report_to: str = _field("none", "experiment trackers, through Accelerate", choices=("none", "tensorboard",
-                                                                                      "wandb", "all"))
-    # Checkpoints and preemption
-    checkpoint_every: int = _field(0, "also checkpoint every N optimizer steps (0: only at epoch ends)")
-    checkpoint_epochs: bool = _field(True, "checkpoint at the end of every epoch")
-    keep_last: int = _field(2, "keep the newest K checkpoints (0: keep all); the best is always kept")
-    resume: str | None = _field(None, "'auto': continue from the newest complete checkpoint in "
-                                      "--output-dir, or start fresh; or a checkpoint directory")
-    requeue: bool = _field(False, "after a stop signal under SLURM, run `scontrol requeue $SLURM_JOB_ID`")
-    dist_timeout: int = _field(600, "seconds a collective may wait for the other processes before the job "
-                                    "fails (a dead rank ends the job instead of hanging)")
-    sync_every: int = _field(10, "every N steps, all processes agree on stop signals and non-finite "
-                                 "losses (one small collective; a checkpoint always checks first)")
+    arch: str = _field(ModelSpec.arch, "model", "VGG depth", metavar="{" + ",".join(ARCHITECTURES) + "}")
+    width_divisor: int = _field(ModelSpec.width_divisor, "model", "divide every conv's channel count by this "
+                                                                  "(the chapter's ratio)")
+    batch_norm: bool = _field(ModelSpec.batch_norm, "model", "BatchNorm after every conv")
+    hidden_size: int = _field(ModelSpec.hidden_size, "model", "width of the two hidden fully connected layers")
+    dropout: float = _field(ModelSpec.dropout, "model", "dropout probability in the classifier (masks are drawn "
+                                                        "per process)")
+    image_size: int = _field(ModelSpec.image_size, "model", "resize images to this side, a multiple of 32")
+    epochs: int = _field(10, "optimisation", "passes over the training set")
+    batch_size: int = _field(128, "optimisation", "GLOBAL batch size, split evenly across processes, so 1 and N "
+                                                  "processes take the same optimizer steps")
+    lr: float = _field(0.05, "optimisation", "SGD learning rate (the peak of a schedule)")
+    lr_schedule: str = _field("constant", "optimisation", "learning rate over the run, set every step; onecycle "
+                                                          "falls linearly to 0 after the warm-up", choices=SCHEDULES)
+    warmup_epochs: float = _field(0.0, "optimisation", "rise linearly from 0 to --lr over this many epochs first "
+                                                       "(a recipe's warm-up shrinks and grows with --epochs)")
+    momentum: float = _field(0.0, "optimisation", "SGD momentum (the chapter uses none)")
+    nesterov: bool = _field(False, "optimisation", "Nesterov momentum (needs --momentum)")
+    weight_decay: float = _field(0.0, "optimisation", "L2 weight decay on weights; never on biases or BatchNorm")
+    label_smoothing: float = _field(0.0, "optimisation", "cross-entropy label smoothing")
+    clip_grad_norm: float | None = _field(None, "optimisation", "clip the gradients' global norm to this")
+    seed: int = _field(0, "optimisation", "seed for weights, data order, augmentation and dropout")
+    random_crop_padding: int = _field(0, "augmentation", "random translation: pad each image by this many pixels, "
+                                                         "crop it back at random (on the device)")
+    hflip: float = _field(0.0, "augmentation", "probability of a horizontal flip")
+    random_erase: float = _field(0.0, "augmentation", "probability of erasing a random rectangle")
+    model_ema: bool = _field(False, "evaluation", "keep an exponential moving average (EMA) of the weights; "
+                                                  "evaluate and save it")
+    model_ema_decay: float = _field(0.999, "evaluation", "decay of --model-ema per step")
+    tta: bool = _field(False, "evaluation", "test-time augmentation (TTA): average the predictions on each image "
+                                            "and its mirror")
+    sync_bn: bool = _field(True, "distributed", "with --batch-norm on several processes, compute BatchNorm "
+                                                "statistics over the global batch, so 1 and N processes take the "
+                                                "same steps")
+    ddp_bf16_grads: bool = _field(False, "distributed", "all-reduce gradients in bf16: half the traffic, for "
+                                                        "multi-node runs on slow networks")
+    dist_timeout: int = _field(600, "distributed", "seconds a collective may wait for the other processes before "
+                                                   "the job fails (a dead rank ends the job instead of hanging)")
+    sync_every: int = _field(10, "distributed", "every N steps, all processes agree on stop signals and "
+                                                "non-finite losses (one small collective)")
+    checkpoint_every: int = _field(0, "checkpoints", "also checkpoint every N optimizer steps (0: only at epoch "
+                                                     "ends)")
+    checkpoint_epochs: bool = _field(True, "checkpoints", "checkpoint at the end of every epoch")
+    keep_last: int = _field(2, "checkpoints", "keep the newest K checkpoints (0: keep all); the best is always "
+                                              "kept")
+    resume: str | None = _field(None, "checkpoints", "'auto': continue the run in --output-dir from its newest "
+                                                     "complete checkpoint, or start it; or a checkpoint directory")
+    requeue: bool = _field(False, "checkpoints", "after a stop signal under SLURM, run `scontrol requeue "
+                                                 "$SLURM_JOB_ID`")
+    output_dir: str | None = _field(None, "output", "run directory; must be new or empty unless resuming its own "
+                                                    "run (default: runs/<timestamp>)")
+    progress: bool | None = _field(None, "output", "progress bar per epoch (default: on when stdout is a terminal)")
+    report_to: str = _field("none", "output", "experiment trackers, through Accelerate",
+                            choices=("none", "tensorboard", "wandb", "all"))
+    compile: bool | None = _field(None, "speed", "torch.compile the model, training and evaluation (default: on "
+                                                 "with a GPU, off on a CPU; see docs/performance.md)")
+    compile_mode: str = _field("default", "speed", "torch.compile's mode; reduce-overhead replays the compiled "
+                                                   "steps as CUDA graphs", choices=COMPILE_MODES)
+    cuda_graphs: bool = _field(False, "speed", "record each training step's GPU work once as a CUDA graph and "
+                                               "replay it (one GPU, one process, bf16 or fp32)")
+    fused_pool: bool = _field(False, "speed", "write each 2x2 max-pool as a reshape and a max, which "
+                                              "torch.compile fuses with the ReLU before it")
+    channels_last: bool = _field(True, "speed", "channels-last (NHWC) activations, the layout fast convolution "
+                                                "kernels want")
 
     def model_spec(self, in_channels: int, num_classes: int) -> ModelSpec:
         return ModelSpec(arch=self.arch, width_divisor=self.width_divisor, batch_norm=self.batch_norm,
@@ -126,9 +131,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _base_type(annotation: str):
+def _base_type(name: str):
     """int from 'int | None', and so on: the type argparse should convert a flag's text to."""
-    resolved = typing.get_type_hints(TrainConfig)[annotation]
+    resolved = typing.get_type_hints(TrainConfig)[name]
     if isinstance(resolved, types.UnionType):
         resolved = next(arg for arg in typing.get_args(resolved) if arg is not type(None))
     return resolved
@@ -140,16 +145,18 @@ def recipe_names() -> list[str]:
 
 def recipe_summary(name: str) -> str:
     """A recipe file's first line, which says what it is for (`# fast: ...`)."""
-    first = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0]
-    return first.removeprefix("#").strip()
+    return (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0].removeprefix("#").strip()
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def build_parser(prog: str, description: str, with_defaults: bool = True) -> argparse.ArgumentParser:
+    """The flags, in GROUPS; without defaults, parsing yields only the flags actually given."""
     parser = FlagParser(prog=prog, description=description,
-                        epilog="recipes: " + "; ".join(recipe_summary(name) for name in recipe_names()))
+                        epilog="recipes: " + "; ".join(recipe_summary(name) for name in recipe_names()),
+                        **({} if with_defaults else {"argument_default": argparse.SUPPRESS}))
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for field in dataclasses.fields(TrainConfig):
         kind = _base_type(field.name)
-        options = {"default": field.default, "help": field.metadata["help"]}
+        options = {"help": field.metadata["help"], **({"default": field.default} if with_defaults else {})}
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif field.name == "recipe":
@@ -157,12 +164,11 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         elif "choices" in field.metadata:
             options["choices"] = field.metadata["choices"]
         else:
-            options["type"] = kind
-            options["metavar"] = field.metadata.get("metavar", field.name.upper())
-        parser.add_argument(flag(field.name), **options)
-    parser.add_argument("--config", metavar="FILE", help="YAML file of flag values; it overrides the recipe, "
-                                                         f"flags given here override both; every run writes one "
-                                                         f"as {TRAIN_CONFIG_NAME}")
+            options.update(type=kind, metavar=field.metadata.get("metavar", field.name.upper()))
+        groups[field.metadata["group"]].add_argument(flag(field.name), **options)
+    groups["optimisation"].add_argument(
+        "--config", metavar="FILE", help=f"YAML file of flag values; it overrides the recipe, flags given here "
+                                         f"override both; every run writes one as {TRAIN_CONFIG_NAME}")
     return parser
 
 
@@ -174,20 +180,21 @@ def parse_config(argv: list[str] | None, prog: str, description: str) -> TrainCo
     """Parse and validate flags; any problem is a UsageError naming the flag.
 
     Each value comes from the first of: the command line, `--config FILE`, the recipe (`--recipe`, or
-    the config file's `recipe`, or the chapter's), the defaults.
+    the config file's `recipe`, or the chapter's), the defaults. A recipe's warm-up is a share of its
+    length: shortening or lengthening the recipe with --epochs scales it, unless --warmup-epochs is given.
     """
-    given = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    given.add_argument("--config")
-    given.add_argument("--recipe")
-    known, _ = given.parse_known_args(argv)
-    from_file = read_config_file(Path(known.config), "--config") if known.config is not None else {}
-    recipe = known.recipe or from_file.get("recipe") or TrainConfig.recipe
+    given = vars(build_parser(prog, description, with_defaults=False).parse_args(argv))
+    from_file = read_config_file(Path(given["config"]), "--config") if "config" in given else {}
+    recipe = given.get("recipe") or from_file.get("recipe") or TrainConfig.recipe
     if recipe not in recipe_names():
-        named_by = "--recipe" if known.recipe else f"--config {known.config}: recipe"
+        named_by = "--recipe" if "recipe" in given else f"--config {given['config']}: recipe"
         raise UsageError(f"{named_by} {recipe!r} is unknown; choose one of {', '.join(recipe_names())}")
+    from_recipe = read_config_file(RECIPES_DIR / f"{recipe}.yaml", "--recipe")
+    chosen = {**from_file, **given}
+    if "epochs" in chosen and "warmup_epochs" not in chosen and from_recipe.get("warmup_epochs"):
+        from_recipe["warmup_epochs"] *= chosen["epochs"] / from_recipe["epochs"]
     parser = build_parser(prog, description)
-    parser.set_defaults(**{**read_config_file(RECIPES_DIR / f"{recipe}.yaml", "--recipe"), **from_file,
-                           "recipe": recipe})
+    parser.set_defaults(**{**from_recipe, **from_file, "recipe": recipe})
     namespace = vars(parser.parse_args(argv))
     namespace.pop("config")
     config = TrainConfig(**namespace)
@@ -195,38 +202,53 @@ def parse_config(argv: list[str] | None, prog: str, description: str) -> TrainCo
     return config
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML without aliases (a few hundred bytes of them expand to gigabytes) or repeated keys (silently
+    last-wins otherwise)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError(f"aliases (*name) are not allowed, line {self.peek_event().start_mark.line + 1}")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=True) for key, _ in node.value]
+        repeated = next((key for index, key in enumerate(keys) if key in keys[:index]), None)
+        if repeated is not None:
+            raise yaml.YAMLError(f"{str(repeated)[:40]!r} is given twice")
+        return super().construct_mapping(node, deep)
+
+
 def read_config_file(path: Path, source: str) -> dict:
     """Flag values from a YAML mapping, keys spelled as flags (`batch-size`) or fields (`batch_size`);
     `source` is the flag that named the file, for messages."""
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{source} {path}: file not found") from None
+        if not path.is_file():
+            raise UsageError(f"{source} {path}: {'file not found' if not path.exists() else 'not a regular file'}")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise UsageError(f"{source} {path}: {path.stat().st_size:,} bytes is too large for a config file")
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except UnicodeDecodeError:
         raise UsageError(f"{source} {path}: not UTF-8 text; save it as UTF-8 YAML") from None
     except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"{source} {path}: not readable YAML ({str(error).splitlines()[0]})") from None
+        raise UsageError(f"{source} {path}: not readable YAML ({str(error).splitlines()[0][:200]})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise UsageError(f"{source} {path}: must be a mapping of flag names to values")
-    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
-    defaults = {}
-    for key, value in values.items():
+    names = {}
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    for key in values:
         name = str(key).removeprefix("--").replace("-", "_")
         if name in NOT_IN_CONFIG_FILES:
             raise UsageError(f"{source} {path}: {key} is not part of a recipe; pass {flag(name)} on the command line")
-        if name not in fields:
-            raise UsageError(f"{source} {path}: unknown setting {key!r}; use flag names such as batch_size")
-        kind = _base_type(name)
-        optional = type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[name])
-        allowed = (int, float) if kind is float else (kind,)
-        if value is None and not optional:
-            raise UsageError(f"{source} {path}: {key} needs a value ({kind.__name__}), not null")
-        if value is not None and (not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool))):
-            raise UsageError(f"{source} {path}: {key} must be {kind.__name__}, got {value!r}")
-        defaults[name] = value
-    return defaults
+        if name not in known:
+            raise UsageError(f"{source} {path}: unknown setting {short(key)}; use flag names such as batch_size")
+        names[name] = values[key]
+    try:
+        return checked_fields(TrainConfig, names, "")
+    except FieldError as error:
+        raise UsageError(f"{source} {path}: {error}") from None
 
 
 def config_file_values(config: TrainConfig) -> dict:
@@ -242,6 +264,13 @@ def _check_range(name: str, value: float, low: float, high: float, high_open: bo
 
 def validate(config: TrainConfig) -> None:
     """Every check that needs neither the data nor the process group."""
+    _validate_numbers(config)
+    # Shape problems (architecture, image size, divisor, dropout) are the model's to state.
+    config.model_spec(in_channels=1, num_classes=10).check()
+    _validate_paths(config)
+
+
+def _validate_numbers(config: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "image_size", "width_divisor", "hidden_size", "max_train_samples",
                  "max_eval_samples", "sync_every", "dist_timeout"):
         check_positive(name, getattr(config, name))
@@ -257,37 +286,32 @@ def validate(config: TrainConfig) -> None:
     _check_range("momentum", config.momentum, 0, 1, high_open=True)
     if config.nesterov and config.momentum == 0:
         raise UsageError("--nesterov needs a --momentum above 0 (e.g. --momentum 0.9)")
-    _check_range("weight_decay", config.weight_decay, 0, 1)
-    _check_range("label_smoothing", config.label_smoothing, 0, 1, high_open=True)
-    _check_range("val_split", config.val_split, 0, 1, high_open=True)
-    _check_range("hflip", config.hflip, 0, 1)
-    _check_range("random_erase", config.random_erase, 0, 1)
-    _check_range("model_ema_decay", config.model_ema_decay, 0, 1, high_open=True)
+    for name, high_open in (("weight_decay", False), ("label_smoothing", True), ("val_split", True),
+                            ("hflip", False), ("random_erase", False), ("model_ema_decay", True)):
+        _check_range(name, getattr(config, name), 0, 1, high_open=high_open)
     if config.clip_grad_norm is not None and not (math.isfinite(config.clip_grad_norm) and config.clip_grad_norm > 0):
         raise UsageError(f"--clip-grad-norm must be a positive number, got {config.clip_grad_norm}")
     if not (math.isfinite(config.warmup_epochs) and 0 <= config.warmup_epochs <= config.epochs):
         raise UsageError(f"--warmup-epochs {config.warmup_epochs} must be between 0 and --epochs "
                          f"{config.epochs}: the warm-up cannot be longer than the run")
-    # Shape problems (architecture, image size, divisor, dropout) are the model's to state.
-    config.model_spec(in_channels=1, num_classes=10).check()
+
+
+def _validate_paths(config: TrainConfig) -> None:
     if config.data_dir is not None and not Path(config.data_dir).is_dir():
         raise UsageError(f"--data-dir {config.data_dir}: not a directory; point it at the folder holding "
                          f"the four IDX files")
-    if config.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
-        raise UsageError(f"--report-to {config.report_to} needs the wandb package: pip install wandb")
-    if config.report_to in ("tensorboard", "all") and importlib.util.find_spec("tensorboard") is None:
-        raise UsageError(f"--report-to {config.report_to} needs the tensorboard package: pip install tensorboard")
+    if config.class_names is not None and not Path(config.class_names).is_file():
+        raise UsageError(f"--class-names {config.class_names}: file not found; give a text file with one class "
+                         f"name per line")
+    for tracker in ("wandb", "tensorboard"):
+        if config.report_to in (tracker, "all") and importlib.util.find_spec(tracker) is None:
+            raise UsageError(f"--report-to {config.report_to} needs the {tracker} package: pip install {tracker}")
     if config.resume == "auto" and config.output_dir is None:
         raise UsageError("--resume auto needs --output-dir: the run directory to continue (or start)")
     if config.resume not in (None, "auto") and not Path(config.resume).is_dir():
         raise UsageError(f"--resume {config.resume}: not a directory; pass 'auto' or a checkpoint directory")
     if config.output_dir is not None:
         check_writable_dir("output_dir", Path(config.output_dir))
-    if config.output_dir is not None and config.resume is None:
-        output = Path(config.output_dir)
-        if output.is_dir() and any(output.iterdir()):
-            raise UsageError(f"--output-dir {output} already exists and is not empty; choose a new "
-                             f"directory so no earlier run is overwritten, or pass --resume auto to continue it")
 
 
 def check_writable_dir(name: str, path: Path) -> None:

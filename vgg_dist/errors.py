@@ -10,7 +10,8 @@ import sys
 import time
 from typing import Callable
 
-from vgg_dist.preemption import STOP_SIGNALS
+# The signals that ask a run to checkpoint and stop (SLURM sends USR1 before a time limit).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 EXIT_USAGE = 2       # a bad flag, file or checkpoint: the user's to fix, nothing to retry
 EXIT_DIVERGED = 3    # the loss became non-finite; no checkpoint holds the non-finite state

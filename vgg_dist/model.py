@@ -15,6 +15,7 @@ from torch import nn
 
 from vgg_dist.cli import FlagParser, flag
 from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
+from vgg_dist.fields import from_dict
 
 # (number of 3x3 convs, output channels) per block; each block ends in a 2x2 max-pool.
 # vgg11 is the chapter's conv_arch; the others are Simonyan & Zisserman's configurations B, D and E.
@@ -88,19 +89,9 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values) -> ModelSpec:
-        """A spec from JSON; ValueError for unknown fields or values of the wrong type."""
-        if not isinstance(values, dict):
-            raise ValueError("a model spec must be a mapping of field names to values")
-        fields = {field.name: type(field.default) for field in dataclasses.fields(cls)}
-        unknown = set(values) - set(fields)
-        if unknown:
-            raise ValueError(f"unknown model fields: {', '.join(sorted(unknown))}")
-        for name, value in values.items():
-            allowed = (int, float) if fields[name] is float else (fields[name],)
-            if not isinstance(value, allowed) or (fields[name] is not bool and isinstance(value, bool)):
-                raise ValueError(f"{name} must be {fields[name].__name__}, got {value!r}")
-        return cls(**values)
+    def from_dict(cls, values, path: str = "model") -> ModelSpec:
+        """A spec read back from JSON; FieldError (a ValueError) for unknown fields or wrong types."""
+        return from_dict(cls, values, path)
 
 
 class MaxPool2x2(nn.Module):

@@ -3,49 +3,43 @@
     python -m vgg_dist.predict --checkpoint runs/20261126-120000 shoe.png shirt.jpg
     python -m vgg_dist.predict --checkpoint RUN_DIR --top-k 3 --json photo.jpg
 
-Each image (PNG, JPEG, anything Pillow reads, any size, colour or grayscale) is turned into what the
-model saw in training: converted to grayscale, resized to the dataset's 28x28, then resized and scaled
-on the way into the model exactly as training batches are. Fashion-MNIST shows light garments on a
-black background; pass --invert for the usual dark-on-white product photo.
+Each image (PNG, JPEG, anything Pillow reads, any size, colour or grayscale, 8 or 16 bits) is turned
+into what the model saw in training: converted to the run's channels and stored size as training images
+were (vgg_dist/data/images.py), then resized and scaled on the way into the model exactly as training
+batches are. Fashion-MNIST shows light garments on black: a dark-on-white photo is inverted first,
+and says so (--invert / --no-invert decide instead).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from vgg_dist import artifacts
 from vgg_dist.cli import FlagParser, check_positive
-from vgg_dist.data import to_model_input
-from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
+from vgg_dist.data.batches import to_model_input
+from vgg_dist.data.images import decode
+from vgg_dist.data.sources import border_mean
+from vgg_dist.errors import exit_process, exits_cleanly_on_stop
 from vgg_dist.model import log_probabilities
+from vgg_dist.store.artifacts import load_model
+from vgg_dist.store.run_files import RunInfo
+
+# Border grey levels (0-255) this far apart mean opposite backgrounds: dark on light against light on dark.
+INVERT_GAP = 128
 
 
-def load_image(path: Path, in_channels: int, source_size: tuple[int, int], invert: bool) -> torch.Tensor:
-    """One file as uint8 [C, h, w] at the dataset's own resolution."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    if path.exists() and not path.is_file():  # a FIFO or device would block or never end
-        raise UsageError(f"{path}: not a regular file")
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("L" if in_channels == 1 else "RGB")
-            image = image.resize((source_size[1], source_size[0]), Image.Resampling.BILINEAR, reducing_gap=None)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: file not found") from None
-    except Image.DecompressionBombError:
-        raise UsageError(f"{path}: too many pixels to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,}); "
-                         f"shrink it first") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise UsageError(f"{path}: not a readable image ({str(error).splitlines()[0]})") from None
-    if invert:
-        image = ImageOps.invert(image)
-    array = np.asarray(image, dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy())
-    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+def load_image(path: Path, info: RunInfo, invert: bool | None) -> tuple[torch.Tensor, bool]:
+    """(one file as uint8 [C, h, w] as the run stored its images, whether it was inverted). With `invert`
+    None, an image whose background is the opposite of the training images' (a dark-on-white product photo
+    for Fashion-MNIST's light-on-black) is inverted."""
+    image = decode(path, info.model.in_channels, tuple(info.source_image_size))
+    if invert is None:
+        invert = info.background is not None and abs(border_mean(image[None]) - info.background) > INVERT_GAP
+    return (255 - image if invert else image), invert
 
 
 def predict(model: torch.nn.Module, images: torch.Tensor, image_size: int, tta: bool = False) -> torch.Tensor:
@@ -62,7 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(RUN/checkpoints/step_N), or RUN/checkpoints/best")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     parser.add_argument("--top-k", type=int, default=3, help="how many classes to show per image")
-    parser.add_argument("--invert", action="store_true", help="invert grey levels (dark object on light background)")
+    parser.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
+                        help="invert the image's levels (default: when its background is the opposite of the "
+                             "training images', as a dark-on-white photo is for Fashion-MNIST)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average the predictions on each image and its mirror (default: as the run evaluated)")
@@ -74,23 +70,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @exits_cleanly_on_stop
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model, run_config = artifacts.load_model(Path(args.checkpoint))
-    spec = run_config["model"]
-    class_names = run_config.get("class_names") or [str(index) for index in range(spec["num_classes"])]
-    source_size = tuple(run_config.get("source_image_size", (28, 28)))
-    images = torch.stack([load_image(Path(path), spec["in_channels"], source_size, args.invert)
-                          for path in args.images])
-    tta = run_config.get("flags", {}).get("tta") is True if args.tta is None else args.tta
-    probabilities = predict(model, images, spec["image_size"], tta)
+    model, info = load_model(Path(args.checkpoint))
+    loaded = [load_image(Path(path), info, args.invert) for path in args.images]
+    for path, (_, inverted) in zip(args.images, loaded):
+        if inverted and args.invert is None:
+            print(f"note: {path} has a background unlike the training images'; inverted it (--no-invert keeps "
+                  f"it as it is)", file=sys.stderr)
+    tta = info.flags.tta if args.tta is None else args.tta
+    probabilities = predict(model, torch.stack([image for image, _ in loaded]), info.model.image_size, tta)
     top = probabilities.topk(min(args.top_k, probabilities.shape[1]), dim=1)
     for path, values, indices in zip(args.images, top.values.tolist(), top.indices.tolist()):
-        ranked = [{"class": class_names[index], "index": index, "probability": value}
+        ranked = [{"class": info.class_names[index], "index": index, "probability": value}
                   for value, index in zip(values, indices)]
         if args.json:
             print(json.dumps({"image": path, "top": ranked}))
         else:
-            shown = ", ".join(f"{entry['class']} {entry['probability']:.3f}" for entry in ranked)
-            print(f"{path}: {shown}")
+            print(f"{path}: " + ", ".join(f"{entry['class']} {entry['probability']:.3f}" for entry in ranked))
     return 0
 
 

@@ -1,7 +1,8 @@
-"""Fashion-MNIST (or MNIST) as uint8 tensors, from Zalando's IDX files or the Hugging Face Hub.
+"""Where a dataset comes from: Fashion-MNIST (or MNIST) as uint8 tensors, read from Zalando's IDX files
+or the Hugging Face Hub, with its class names (the dataset's own or a --class-names file).
 
-Images stay 28x28 uint8 until a whole batch is on the training device; `to_model_input` then resizes
-and scales them there, which is far cheaper than resizing each image with PIL in a DataLoader worker.
+Images stay 28x28 uint8 until a whole batch is on the training device; `batches.to_model_input` then
+resizes and scales them there, far cheaper than resizing each image with PIL in a DataLoader worker.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vgg_dist.errors import UsageError
 
@@ -155,10 +155,9 @@ def read_split(data_dir: Path, split: str, num_classes: int) -> Split:
     return Split(images.unsqueeze(1), labels.long())
 
 
-def load_from_dir(data_dir: Path, dataset: str) -> ImageData:
+def load_from_dir(data_dir: Path, class_names: tuple[str, ...]) -> ImageData:
     if not data_dir.is_dir():
         raise UsageError(f"--data-dir {data_dir}: not a directory")
-    class_names = DATASETS[dataset].class_names
     train = read_split(data_dir, "train", len(class_names))
     test = read_split(data_dir, "test", len(class_names))
     if train.images.shape[1:] != test.images.shape[1:]:
@@ -183,7 +182,7 @@ def hub_reachable() -> bool:
     return True
 
 
-def load_from_hub(dataset: str) -> ImageData:
+def load_from_hub(dataset: str, class_names: tuple[str, ...]) -> ImageData:
     """Download (or reuse the cached) dataset through `datasets`; import it only here so the rest of
     vgg_dist works on machines without it.
 
@@ -216,12 +215,12 @@ def load_from_hub(dataset: str) -> ImageData:
             raise UsageError(f"{info.hub_id} ({name}): expected grayscale images, got array shape "
                              f"{list(images.shape)}")
         labels = torch.from_numpy(np.asarray(column["label"])).long()
-        in_range = len(labels) > 0 and 0 <= int(labels.min()) and int(labels.max()) < len(info.class_names)
+        in_range = len(labels) > 0 and 0 <= int(labels.min()) and int(labels.max()) < len(class_names)
         if len(labels) != len(images) or not in_range:
             raise UsageError(f"{info.hub_id} ({name}): labels must be one per image, from 0 to "
-                             f"{len(info.class_names) - 1}")
+                             f"{len(class_names) - 1}")
         splits[name] = Split(images.unsqueeze(1), labels)
-    return ImageData(splits["train"], splits["test"], info.class_names, source=f"hf://{info.hub_id}")
+    return ImageData(splits["train"], splits["test"], class_names, source=f"hf://{info.hub_id}")
 
 
 def no_data_message(dataset: str, reason: str) -> str:
@@ -231,102 +230,52 @@ def no_data_message(dataset: str, reason: str) -> str:
             f"into a directory and pass --data-dir DIR")
 
 
-def load_dataset(dataset: str, data_dir: str | os.PathLike | None) -> ImageData:
+def load_dataset(dataset: str, data_dir: str | os.PathLike | None,
+                 class_names: tuple[str, ...] | None = None) -> ImageData:
+    """The dataset's two splits, named by `class_names` when given (a --class-names file), else by the
+    dataset's own names."""
     if dataset not in DATASETS:
         raise UsageError(f"--dataset {dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
+    names = class_names or DATASETS[dataset].class_names
     if data_dir is not None:
-        return load_from_dir(Path(data_dir), dataset)
-    return load_from_hub(dataset)
+        return load_from_dir(Path(data_dir), names)
+    return load_from_hub(dataset, names)
 
 
-class BatchIndexedTensors(torch.utils.data.Dataset):
-    """A dataset that answers a whole batch of indices with one tensor index, not a Python loop.
-
-    DataLoader calls `__getitems__` with the batch sampler's index list; pair it with `keep_batch`
-    as collate_fn, since the batch arrives already stacked.
-    """
-
-    def __init__(self, split: Split):
-        self.images, self.labels = split.images, split.labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        return self.images[index], self.labels[index]
-
-    def __getitems__(self, indices: list[int]):
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[index], self.labels[index]
+CLASS_NAMES_LIMIT = 1 << 20  # bytes; a list of names, not a dataset
 
 
-def keep_batch(batch):
-    return batch
+def read_class_names(path: Path) -> tuple[str, ...]:
+    """One class name per line, for data whose labels are not the dataset's own (digits in Fashion-MNIST's
+    files, say). Blank lines around the names are ignored; blank or repeated names are refused."""
+    flag = f"--class-names {path}"
+    try:
+        if not path.is_file():
+            raise UsageError(f"{flag}: not a regular file; give a text file with one class name per line")
+        if path.stat().st_size > CLASS_NAMES_LIMIT:
+            raise UsageError(f"{flag}: over {CLASS_NAMES_LIMIT // 1024} KiB; give one class name per line")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag}: not UTF-8 text; give one class name per line") from None
+    except OSError as error:
+        raise UsageError(f"{flag}: cannot be read ({error.strerror})") from None
+    names = tuple(line.strip() for line in text.strip().splitlines())
+    if len(names) < 2 or not all(names):
+        raise UsageError(f"{flag}: needs at least two names, one per line, with no blank lines between them")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UsageError(f"{flag}: names repeat ({', '.join(repeated[:3])}); each class needs its own name")
+    return names
 
 
-# Spreads (seed, epoch) pairs apart: a prime above any epoch count, so no two pairs share a generator seed.
-SEED_STRIDE = 1_000_003
+BORDER_SAMPLE = 1000  # images; the background is a property of the dataset, a sample tells it
 
 
-class EpochBatchSampler:
-    """Global batches of indices: a fresh permutation per epoch drawn from (seed, epoch) alone.
-
-    Because the order depends on nothing but the seed and the epoch, every rank computes the same
-    batches without communicating, and a resumed run can recompute any epoch's order. Batches are
-    Python lists because Accelerate's batch splitter concatenates them with `+`.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0):
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
-        self.epoch = 0
-        self.skip_batches = 0
-
-    def start_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Choose the epoch's permutation; `skip_batches` leaves out batches a resumed run already took.
-
-        Deliberately not named `set_epoch`: Accelerate calls that with its own iteration counter.
-        """
-        self.epoch, self.skip_batches = epoch, skip_batches
-
-    def order(self) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.num_samples)
-        generator = torch.Generator().manual_seed(self.seed * SEED_STRIDE + self.epoch)
-        return torch.randperm(self.num_samples, generator=generator)
-
-    def __iter__(self):
-        order = self.order().tolist()
-        for batch_index in range(self.skip_batches, len(self) + self.skip_batches):
-            yield order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]
-
-    def full_length(self) -> int:
-        """Batches in a whole epoch, skipped ones included."""
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return -(-self.num_samples // self.batch_size)
-
-    def __len__(self) -> int:
-        return self.full_length() - self.skip_batches
+def border_mean(images: torch.Tensor) -> float:
+    """The mean grey level (0-255) of the outermost pixels of uint8 images [N, C, H, W]: the background
+    colour the images share, which tells a light-on-dark dataset from a dark-on-light one."""
+    sample = images[:BORDER_SAMPLE].float()
+    edges = torch.cat([sample[..., 0, :], sample[..., -1, :], sample[..., 1:-1, 0], sample[..., 1:-1, -1]], dim=-1)
+    return round(edges.mean().item(), 2)
 
 
-def to_model_input(images: torch.Tensor, image_size: int, channels_last: bool = False) -> torch.Tensor:
-    """uint8 [B, C, h, w] on any device -> float [B, C, S, S] in [0, 1], resized bilinearly.
-
-    For the 28 -> 224 upsampling this is the same filter as the chapter's PIL bilinear `Resize`; PIL
-    only rounds its output to 8 bits, so the two differ by at most one grey level (1/255).
-    """
-    x = images.float()
-    if x.shape[-1] != image_size or x.shape[-2] != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
-                          antialias=image_size < images.shape[-1])
-    x = x.mul_(1.0 / 255.0)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-        if x.shape[1] == 1:
-            # One channel: NCHW and NHWC are the same bytes, and `contiguous` keeps NCHW's strides, which
-            # read as NCHW to whoever infers the layout from them (cuDNN's first convolution converted its
-            # input every step on an H200: nchwToNhwcKernel, 4% of GPU time). NHWC's strides, same memory.
-            height, width = x.shape[2:]
-            x = x.as_strided(x.shape, (height * width, 1, width, 1))
-    return x

@@ -7,6 +7,7 @@ one GPU, or many processes on many nodes. Nothing here knows about checkpoints o
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import socket
@@ -17,7 +18,8 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import (AutocastKwargs, DDPCommunicationHookType, DistributedDataParallelKwargs,
                                InitProcessGroupKwargs, ProjectConfiguration, gather_object)
 
-from vgg_dist.data import BatchIndexedTensors, Split, keep_batch, to_model_input
+from vgg_dist.data.batches import BatchIndexedTensors, keep_batch, to_model_input
+from vgg_dist.data.sources import Split
 from vgg_dist.errors import UsageError
 from vgg_dist.model import log_probabilities
 
@@ -70,16 +72,17 @@ def check_layout(accelerator: Accelerator, batch_size: int) -> None:
 
 
 def gather_layout(accelerator: Accelerator) -> list[dict]:
-    """Where every rank runs: host, node rank, local rank, device; collected on all processes.
-
-    A CPU has no device index to tell ranks apart (every process is "cpu:0"), so CPU ranks are listed
-    as plain "cpu": a repeated "cuda:0" then always means a misconfigured GPU job.
-    """
-    device = accelerator.device
+    """Where every rank runs: host, node rank, local rank, device; collected on all processes."""
     here = {"rank": accelerator.process_index, "host": socket.gethostname(),
             "node": int(os.environ.get("GROUP_RANK", 0)), "local_rank": accelerator.local_process_index,
-            "device": "cpu" if device.type == "cpu" else str(device)}
+            "device": device_label(accelerator.device)}
     return gather_object([here]) if accelerator.num_processes > 1 else [here]
+
+
+def device_label(device: torch.device) -> str:
+    """A device as the run header lists it: a CPU has no index that tells processes apart, so CPU ranks are
+    plain "cpu", and a repeated "cuda:0" then always means a misconfigured GPU job."""
+    return "cpu" if device.type == "cpu" else str(device)
 
 
 def node_count(layout: list[dict]) -> int:
@@ -130,15 +133,25 @@ def unwrapped_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Ten
     return accelerator.unwrap_model(model, keep_torch_compile=False).state_dict()
 
 
-def agree(accelerator: Accelerator, stop_requested: bool, first_bad_step: torch.Tensor) -> tuple[bool, int | None]:
-    """One small collective: (did any process ask to stop, the earliest non-finite step on any process).
+@dataclasses.dataclass
+class Agreement:
+    """What every process learns when they agree: whether any was asked to stop, the earliest step with a
+    non-finite loss on any (None if none), and the epoch's running sums of the whole global batch."""
 
-    `first_bad_step` is an int64 device scalar holding NO_STEP when this process saw nothing wrong.
-    """
-    local = torch.stack([torch.tensor(int(stop_requested), device=first_bad_step.device), first_bad_step])
-    both = accelerator.gather(local.unsqueeze(0)).view(-1, 2).cpu()
-    stop, first_bad = bool(both[:, 0].max()), int(both[:, 1].min())
-    return stop, (None if first_bad == NO_STEP else first_bad)
+    stop: bool
+    bad_step: int | None
+    sums: list[float]  # loss sum, correct predictions, samples
+
+
+def agree(accelerator: Accelerator, stop_requested: bool, first_bad_step: torch.Tensor,
+          sums: torch.Tensor) -> Agreement:
+    """One small collective. `first_bad_step` is an int64 device scalar holding NO_STEP when this process saw
+    nothing wrong (steps are far below 2**53, so float64 carries them exactly); `sums` this process's three."""
+    local = torch.cat([torch.stack([torch.tensor(float(stop_requested), dtype=torch.float64, device=sums.device),
+                                    first_bad_step.to(torch.float64)]), sums.to(torch.float64)])
+    every = accelerator.gather(local.unsqueeze(0)).view(-1, 5).cpu()
+    first_bad = int(every[:, 1].min())
+    return Agreement(bool(every[:, 0].max()), None if first_bad == NO_STEP else first_bad, every[:, 2:].sum(0).tolist())
 
 
 def weights_agree(accelerator: Accelerator, model) -> bool:

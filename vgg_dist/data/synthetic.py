@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vgg_dist.data import SPLIT_FILES, write_idx
+from vgg_dist.data.sources import SPLIT_FILES, write_idx
 
 
 def make_images(count: int, num_classes: int = 10, side: int = 28, seed: int = 0,

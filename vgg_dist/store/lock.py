@@ -12,10 +12,12 @@ node for at most STALE_AFTER_SECONDS.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -79,7 +81,10 @@ class RunLock:
         if self._heartbeat is not None:
             self._heartbeat.join()
             self._heartbeat = None
-            holder = self._read_holder()
+            try:
+                holder = self._read_holder()
+            except UsageError:
+                return  # something else has taken the lock's name; it is not ours to remove
             if holder is not None and holder.get("token") == self.owner["token"]:
                 self.path.unlink(missing_ok=True)
 
@@ -91,11 +96,26 @@ class RunLock:
                 pass  # the directory went away; nothing to keep fresh
 
     def _read_holder(self) -> dict | None:
+        """Who holds the lock, or None when there is none. Anything but a plain file at the lock's name
+        (a FIFO would block a plain open for ever, a directory or link is not ours) is refused."""
         try:
-            holder = json.loads(self.path.read_text())
+            descriptor = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except OSError as error:
+            kind = "a symbolic link" if error.errno == errno.ELOOP else f"unreadable ({error.strerror})"
+            raise UsageError(f"{self.path} is {kind}, not a vgg_dist lock file; remove it if no run uses "
+                             f"{self.path.parent}") from None
+        with os.fdopen(descriptor, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a file"
+                raise UsageError(f"{self.path} is {kind}, not a vgg_dist lock file; remove it if no run uses "
+                                 f"{self.path.parent}")
+            text = handle.read(1 << 16)
+        try:
+            holder = json.loads(text)
+        except ValueError:
             holder = {}  # written by a process that died mid-write, or not ours: judged by its age alone
         return holder if isinstance(holder, dict) else {}
 

@@ -6,7 +6,8 @@ import os
 import signal
 import subprocess
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+from vgg_dist.errors import STOP_SIGNALS
+
 
 
 class StopRequest:
@@ -15,9 +16,13 @@ class StopRequest:
     def __init__(self):
         self.signal_name: str | None = None
 
-    def install(self) -> None:
+    @classmethod
+    def installed(cls) -> StopRequest:
+        """A StopRequest that receives this process's stop signals from now on."""
+        request = cls()
         for number in STOP_SIGNALS:
-            signal.signal(number, self._handle)
+            signal.signal(number, request._handle)
+        return request
 
     def _handle(self, number, frame) -> None:
         if number == signal.SIGINT and self.signal_name is not None:

@@ -1,17 +1,93 @@
-"""The chapter's training curves and a confusion matrix, drawn to files.
+"""What a run reports: the per-epoch record of metrics.jsonl, accuracy and the per-class report from a
+confusion matrix (rows: true class, columns: predicted), and the curves and confusion matrix as pictures.
 
-matplotlib's object API (`Figure`) renders without pyplot, so there is no backend to choose, no
-display needed and no global state: it works on any machine and inside any launcher.
+The pictures use matplotlib's object API (`Figure`), which renders without pyplot: no backend to
+choose, no display needed and no global state, so it works on any machine and inside any launcher.
+matplotlib is imported only when a picture is drawn.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from matplotlib.figure import Figure
+from vgg_dist.store.files import write_atomically
 
-from vgg_dist.atomic import write_atomically
-from vgg_dist.metrics import accuracy, sample_count
+
+@dataclasses.dataclass(kw_only=True)
+class EpochRecord:
+    """One line of metrics.jsonl. The val_* fields exist only with --val-split; examples_per_sec is None
+    for an epoch resumed at its very last step, peak_memory_bytes without a GPU."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    train_samples: int
+    lr: float
+    val_loss: float | None = None
+    val_acc: float | None = None
+    val_samples: int | None = None
+    test_loss: float
+    test_acc: float
+    test_samples: int
+    examples_per_sec: float | None
+    seconds: float
+    eval_seconds: float
+    global_step: int
+    peak_memory_bytes: int | None
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        if self.val_acc is None:
+            for name in ("val_loss", "val_acc", "val_samples"):
+                del values[name]
+        return values
+
+    def judged(self) -> tuple[str, float]:
+        """The metric the best checkpoint is chosen on: validation accuracy when there is a validation
+        split, never the test set's then."""
+        return ("val_acc", self.val_acc) if self.val_acc is not None else ("test_acc", self.test_acc)
+
+
+@dataclasses.dataclass(kw_only=True)
+class CurvePoint:
+    """One line of train_curve.jsonl: the running train loss and accuracy of the global batch."""
+
+    epoch: float  # fractional: 1.4 is 40% into the second epoch
+    global_step: int
+    train_loss: float
+    train_acc: float
+    lr: float
+
+
+Confusion = list[list[int]]
+
+
+def sample_count(confusion: Confusion) -> int:
+    return sum(map(sum, confusion))
+
+
+def accuracy(confusion: Confusion) -> float:
+    """Share of samples on the diagonal; 0.0 for an empty matrix."""
+    total = sample_count(confusion)
+    return sum(confusion[i][i] for i in range(len(confusion))) / total if total else 0.0
+
+
+def per_class_report(confusion: Confusion, class_names: list[str]) -> dict:
+    """report.json's contents: overall accuracy, per-class recall and precision, and the matrix."""
+    classes = []
+    for index, name in enumerate(class_names):
+        support = sum(confusion[index])
+        predicted = sum(row[index] for row in confusion)
+        classes.append({
+            "class": name,
+            "support": support,
+            "recall": confusion[index][index] / support if support else None,
+            "precision": confusion[index][index] / predicted if predicted else None,
+        })
+    return {"test_acc": accuracy(confusion), "test_samples": sample_count(confusion), "classes": classes,
+            "confusion": {"rows": "true class", "columns": "predicted class", "class_names": list(class_names),
+                          "matrix": confusion}}
 
 
 def plot_curves(epochs: list[dict], steps: list[dict], path_stem: Path) -> list[Path]:
@@ -21,6 +97,7 @@ def plot_curves(epochs: list[dict], steps: list[dict], path_stem: Path) -> list[
     `epochs` are metrics.jsonl records; `steps` are fractional-epoch train points ({"epoch",
     "train_loss", "train_acc", "lr"}), drawn as the train lines, with the per-epoch values as markers.
     """
+    from matplotlib.figure import Figure
     figure = Figure(figsize=(6.4, 4.2), dpi=120)
     axis = figure.subplots()
     train = steps or epochs
@@ -57,6 +134,7 @@ def plot_curves(epochs: list[dict], steps: list[dict], path_stem: Path) -> list[
 
 def plot_confusion(confusion: list[list[int]], class_names: list[str], path_stem: Path) -> list[Path]:
     """Row-normalised confusion matrix (rows: true class) with the counts written in each cell."""
+    from matplotlib.figure import Figure
     size = len(class_names)
     figure = Figure(figsize=(1.0 + 0.62 * size, 0.8 + 0.55 * size), dpi=120)
     axis = figure.subplots()
@@ -76,7 +154,7 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path_stem
     return _save(figure, path_stem)
 
 
-def _save(figure: Figure, path_stem: Path) -> list[Path]:
+def _save(figure, path_stem: Path) -> list[Path]:
     figure.tight_layout()
     paths = [path_stem.with_suffix(".png"), path_stem.with_suffix(".svg")]
     for path in paths:  # a viewer refreshing the file never sees half a picture

@@ -1,0 +1,77 @@
+"""One image file as the uint8 tensor a run stores: opened safely, brought to the run's channels at
+8 bits, and fitted to its stored size.
+
+What reaches the model must look like the training images, whatever the file: a 16-bit PNG is scaled
+to 8 bits (Pillow's own conversion clips it), a photo keeps its proportions (the shorter side is
+fitted, then the centre is cropped), and a file too large to decode safely is refused before its
+pixels are read.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vgg_dist.errors import UsageError
+
+# Pillow modes that hold more than 8 bits per grey level, and the largest value each can hold.
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+class ImageError(UsageError):
+    """An image file that cannot be used; the message names the file."""
+
+
+def open_image(path: Path):
+    """The decoded image with its EXIF orientation applied; refuses anything that is not a regular,
+    readable image file of a safe size, in one line."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    if path.exists() and not path.is_file():  # a FIFO or device would block or never end
+        raise ImageError(f"{path}: not a regular file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its pixel limit and twice that; a warning is not an answer.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return ImageOps.exif_transpose(image)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{path}: over {Image.MAX_IMAGE_PIXELS:,} pixels, too many to decode safely; "
+                         f"shrink it first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise ImageError(f"{path}: not a readable image ({str(error).splitlines()[0]})") from None
+
+
+def to_channels(image, channels: int) -> torch.Tensor:
+    """uint8 [C, h, w] with `channels` 1 (grey) or 3 (RGB). Wide grey levels are scaled to 8 bits."""
+    if image.mode in WIDE_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.rint(wide * (255.0 / WIDE_MODES[image.mode])), 0, 255).astype(np.uint8)
+        array = grey if channels == 1 else np.repeat(grey[..., None], 3, axis=2)
+    else:
+        array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy())
+    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+
+
+def fit_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [C, h, w] resized so it covers `size` (height, width) with its proportions kept, then
+    cropped to `size` around its centre, as torchvision's Resize + CenterCrop do."""
+    height, width = image.shape[1:]
+    scale = max(size[0] / height, size[1] / width)
+    covered = (max(size[0], round(height * scale)), max(size[1], round(width * scale)))
+    resized = torch.nn.functional.interpolate(image[None].float(), size=covered, mode="bilinear",
+                                              align_corners=False, antialias=scale < 1)[0]
+    top, left = (covered[0] - size[0]) // 2, (covered[1] - size[1]) // 2
+    cropped = resized[:, top:top + size[0], left:left + size[1]]
+    return cropped.round().clamp(0, 255).to(torch.uint8)
+
+
+def decode(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """The file at `path` as uint8 [channels, *size], ready to stack with a run's stored images."""
+    return fit_to(to_channels(open_image(path), channels), size)

@@ -1,0 +1,405 @@
+"""Checkpoints that are complete or absent: safetensors + JSON only, committed by an atomic rename.
+
+Layout of one checkpoint, `RUN_DIR/checkpoints/step_0000420/`:
+
+    model.safetensors      unwrapped weights (model spec in the header)
+    ema.safetensors        the weights' moving average, with --model-ema
+    optimizer.safetensors  optimizer tensors; their structure is in state.json
+    rng.safetensors        every rank's torch (and CUDA) generator state
+    state.json             progress, the epoch's partial sums, optimizer structure, grad scaler, every
+                           rank's Python/NumPy generator state, the schedule, model spec and flags
+    manifest.json          written last: every file with its size and SHA-256. No manifest, no checkpoint.
+
+The directory is written under a temporary name and renamed into place only when complete, so a crash
+at any moment leaves either the previous checkpoints untouched or a leftover `.tmp-*` directory that is
+ignored and later cleaned. Nothing here unpickles anything: loading cannot run code from a checkpoint.
+Reading checks every field against the run that resumes before anything is changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from vgg_dist.cli import flag
+from vgg_dist.config import TrainConfig
+from vgg_dist.fields import FieldError, from_dict, short
+from vgg_dist.model import ModelSpec
+from vgg_dist.store.files import (FileError, fsync_path, load_tensors, no_space, read_header, read_json,
+                                  regular_file_size, save_tensors, write_failed, write_json)
+from vgg_dist.training.optim import LRSchedule
+from vgg_dist.training.state import EpochSums, Progress, set_rng_state
+
+MANIFEST, STATE, CHECKPOINTS_DIR, BEST_POINTER = "manifest.json", "state.json", "checkpoints", "best.json"
+WEIGHTS_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
+OPTIMIZER_FILE, RNG_FILE = "optimizer.safetensors", "rng.safetensors"
+SPEC_METADATA_KEY = "vgg_dist.model_spec"
+FORMAT_VERSION = 3  # 3: state.json and the manifest as checked dataclasses
+NAME = re.compile(r"^step_(\d{7,})$")
+TEMPORARY_PREFIX = ".tmp-"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Flags that fix which images each step sees; a checkpoint only continues a run that agrees on them.
+DATA_ORDER_FLAGS = ("batch_size", "seed", "dataset", "max_train_samples", "val_split")
+
+
+CheckpointError = FileError  # a checkpoint that must not be loaded; the message names its path and the problem
+
+
+@dataclasses.dataclass
+class FileEntry:
+    bytes: int
+    sha256: str
+
+
+@dataclasses.dataclass
+class Manifest:
+    format_version: int
+    global_step: int
+    files: dict[str, FileEntry]
+
+
+@dataclasses.dataclass
+class SavedState:
+    """state.json."""
+
+    progress: Progress
+    partial_epoch_totals: EpochSums  # all processes' sums together, so any world size can resume them
+    world_size: int
+    optimizer: object                # the optimizer's state_dict with its tensors replaced by references
+    grad_scaler: dict[str, object] | None
+    lr_schedule: dict[str, object]
+    rng: list[dict[str, object]]     # every rank's Python and NumPy generator state
+    model: ModelSpec
+    flags: TrainConfig
+    saved_at: str
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunIdentity:
+    """What a checkpoint must agree with to continue this run."""
+
+    spec: ModelSpec
+    config: TrainConfig
+    schedule: LRSchedule
+    steps_per_epoch: int
+
+
+def checkpoint_name(global_step: int) -> str:
+    return f"step_{global_step:07d}"
+
+
+def weights_metadata(spec: ModelSpec) -> dict[str, str]:
+    """Header entries that let a weights file be checked against a model before loading it."""
+    return {"format": "pt", SPEC_METADATA_KEY: json.dumps(spec.to_dict(), sort_keys=True)}
+
+
+def split_tensors(value, path: str = "state") -> tuple[object, dict[str, torch.Tensor]]:
+    """Replace every tensor in a nested dict/list structure by {"tensor": key}; return both halves. This is
+    how an optimizer's state_dict is stored without pickle: structure in JSON, tensors in safetensors.
+    JSON keys are strings, so a dict is stored as [key, value] pairs (optimizer state is keyed by int)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node, at):
+        if isinstance(node, torch.Tensor):
+            tensors[at] = node
+            return {"tensor": at}
+        if isinstance(node, dict):
+            return {"dict": [[key, walk(item, f"{at}.{key}")] for key, item in node.items()]}
+        if isinstance(node, (list, tuple)):
+            return {type(node).__name__: [walk(item, f"{at}.{index}") for index, item in enumerate(node)]}
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return {"value": node}
+        raise TypeError(f"cannot store {type(node).__name__} at {at} without pickle")
+
+    return walk(value, path), tensors
+
+
+def join_tensors(structure, tensors: dict[str, torch.Tensor]):
+    """Inverse of `split_tensors`; ValueError for anything `split_tensors` cannot have written."""
+    if not isinstance(structure, dict) or len(structure) != 1:
+        raise ValueError(f"expected one {{kind: payload}} node, got {short(structure)}")
+    (kind, payload), = structure.items()
+    if kind == "tensor" and isinstance(payload, str) and payload in tensors:
+        return tensors[payload]
+    if kind == "dict" and isinstance(payload, list) and all(
+            isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], (str, int)) for pair in payload):
+        return {key: join_tensors(item, tensors) for key, item in payload}
+    if kind in ("list", "tuple") and isinstance(payload, list):
+        items = [join_tensors(item, tensors) for item in payload]
+        return items if kind == "list" else tuple(items)
+    if kind == "value" and (payload is None or isinstance(payload, (bool, int, float, str))):
+        return payload
+    raise ValueError(f"malformed {short(kind)} node")
+
+
+def _sha256(path: Path, limit: int) -> str:
+    """SHA-256 of the file's first `limit` bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while limit > 0 and (block := handle.read(min(1 << 20, limit))):
+            digest.update(block)
+            limit -= len(block)
+    return digest.hexdigest()
+
+
+def _files(state: dict, identity: RunIdentity) -> tuple[dict, SavedState]:
+    """A TrainState's state dict as tensor files ({name: (tensors, metadata)}) and state.json."""
+    structure, optimizer_tensors = split_tensors(state["optimizer"], "optimizer")
+    rng = {f"rank{rank}.{kind}": tensor for rank, (tensors, _) in enumerate(state["rng"])
+           for kind, tensor in tensors.items()}
+    tensor_files = {WEIGHTS_FILE: (state["model"], weights_metadata(identity.spec)),
+                    OPTIMIZER_FILE: (optimizer_tensors, {}), RNG_FILE: (rng, {})}
+    if state["ema"] is not None:
+        tensor_files[EMA_FILE] = (state["ema"], weights_metadata(identity.spec))
+    saved = SavedState(progress=state["progress"], partial_epoch_totals=state["sums"], world_size=len(state["rng"]),
+                       optimizer=structure, grad_scaler=state["scaler"], lr_schedule=identity.schedule.describe(),
+                       rng=[json_state for _, json_state in state["rng"]], model=identity.spec,
+                       flags=identity.config, saved_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    return tensor_files, saved
+
+
+def write(checkpoints_dir: Path, state: dict, identity: RunIdentity) -> Path:
+    """Write a complete checkpoint of a TrainState's state dict and commit it by renaming; return its path.
+    A full disk is one line (WriteFailed) and leaves the committed checkpoints as they were."""
+    tensor_files, saved = _files(state, identity)
+    step = saved.progress.global_step
+    checkpoints_dir.mkdir(exist_ok=True)
+    final = checkpoints_dir / checkpoint_name(step)
+    temporary = checkpoints_dir / f"{TEMPORARY_PREFIX}{final.name}-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        temporary.mkdir()
+        for name, (tensors, metadata) in tensor_files.items():
+            save_tensors(temporary / name, tensors, metadata)
+        write_json(temporary / STATE, dataclasses.asdict(saved))
+        entries = {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path, path.stat().st_size)}
+                   for path in sorted(temporary.iterdir())}
+        write_json(temporary / MANIFEST, {"format_version": FORMAT_VERSION, "global_step": step, "files": entries})
+        fsync_path(temporary)
+    except Exception as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if no_space(error):
+            needed = sum(t.numel() * t.element_size() for tensors, _ in tensor_files.values() for t in tensors.values())
+            raise write_failed(checkpoints_dir, needed, f"checkpoint {final.name}") from None
+        raise
+    if final.exists():  # an earlier attempt at this very step, e.g. before a requeue: replace it whole
+        stale = checkpoints_dir / f"{TEMPORARY_PREFIX}stale-{final.name}-{os.getpid()}"
+        os.replace(final, stale)
+        os.replace(temporary, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(temporary, final)
+    fsync_path(checkpoints_dir)
+    return final
+
+
+def list_checkpoints(checkpoints_dir: Path, committed: bool = False) -> list[Path]:
+    """Checkpoint directories by global step, oldest first; with `committed`, only those with a manifest."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = sorted((int(match.group(1)), path) for path in checkpoints_dir.iterdir()
+                   if path.is_dir() and (match := NAME.match(path.name)))
+    return [path for _, path in found if not committed or (path / MANIFEST).is_file()]
+
+
+def mark_best(checkpoints_dir: Path, path: Path, metric: str, value: float) -> None:
+    write_json(checkpoints_dir / BEST_POINTER, {"checkpoint": path.name, metric: value})
+
+
+def best_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The checkpoint best.json names; only a step_N directory inside `checkpoints_dir` is taken."""
+    try:
+        regular_file_size(checkpoints_dir / BEST_POINTER)
+        name = json.loads((checkpoints_dir / BEST_POINTER).read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return checkpoints_dir / name if isinstance(name, str) and NAME.match(name) else None
+
+
+def rotate(checkpoints_dir: Path, keep_last: int) -> None:
+    """Delete committed checkpoints beyond the newest `keep_last`, never the best one. Call only after
+    the newest checkpoint is committed, so a crash here cannot leave fewer than `keep_last`."""
+    best = best_checkpoint(checkpoints_dir)
+    for path in list_checkpoints(checkpoints_dir, committed=True)[:-keep_last] if keep_last > 0 else []:
+        if path != best:
+            shutil.rmtree(path)
+
+
+def clean_leftovers(checkpoints_dir: Path) -> list[Path]:
+    """Remove temporary directories that a crashed save left behind."""
+    leftovers = list(checkpoints_dir.glob(f"{TEMPORARY_PREFIX}*")) if checkpoints_dir.is_dir() else []
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
+
+
+def verify(path: Path) -> Manifest:
+    """Check a checkpoint against its manifest (file list, sizes, hashes) and that every tensor file is
+    valid safetensors. Only regular files are read, and no more of each than the manifest's size: a file
+    swapped for a link to /dev/zero or a FIFO is refused instead of read forever."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if not (path / MANIFEST).exists():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST})")
+    try:
+        manifest = from_dict(Manifest, read_json(path / MANIFEST, CheckpointError), MANIFEST)
+    except FieldError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    if manifest.format_version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {manifest.format_version} is not {FORMAT_VERSION}; it "
+                              f"was written by another vgg_dist version")
+    present = {entry.name for entry in path.iterdir()} - {MANIFEST}
+    if present != set(manifest.files):
+        missing, extra = sorted(set(manifest.files) - present), sorted(present - set(manifest.files))
+        raise CheckpointError(f"{path}: files differ from the manifest (missing {missing or 'none'}, "
+                              f"unexpected {extra or 'none'})")
+    for name, entry in manifest.files.items():
+        if entry.bytes < 0 or not _SHA256.match(entry.sha256):
+            raise CheckpointError(f"{path / MANIFEST}: entry {short(name)} needs a byte count and a SHA-256")
+        size = regular_file_size(path / name)
+        if size != entry.bytes:
+            raise CheckpointError(f"{path / name}: {size} bytes, the manifest says {entry.bytes} "
+                                  f"(truncated or appended to)")
+        if _sha256(path / name, size) != entry.sha256:
+            raise CheckpointError(f"{path / name}: contents do not match the manifest's SHA-256")
+        if name.endswith(".safetensors"):
+            read_header(path / name)
+    return manifest
+
+
+def find_latest(checkpoints_dir: Path, say: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint that verifies; each newer one that does not is reported through `say`."""
+    for path in reversed(list_checkpoints(checkpoints_dir)):
+        try:
+            verify(path)
+            return path
+        except FileError as error:
+            say(f"skipping {error}")
+    return None
+
+
+def read(path: Path, identity: RunIdentity, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A checkpoint as a TrainState state dict, verified in full and checked to continue this run (the same
+    model, data order, schedule, EMA; every field's type and range; every rank's generator states);
+    CheckpointError otherwise. Changes nothing."""
+    verify(path)
+    try:
+        saved = from_dict(SavedState, read_json(path / STATE, CheckpointError), STATE)
+    except FieldError as error:
+        raise CheckpointError(f"{path / STATE}: {error}") from None
+    _check_same_run(path, saved, identity)
+    _check_progress(path, saved, identity)
+    try:
+        optimizer_state = join_tensors(saved.optimizer, load_tensors(path / OPTIMIZER_FILE))
+        _check_optimizer_state(optimizer_state, optimizer)
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{path / STATE}: optimizer state does not fit this optimizer ({error})") from None
+    ema = _read_weights(path / EMA_FILE, model) if identity.config.model_ema else None
+    return {"progress": saved.progress, "sums": saved.partial_epoch_totals, "model": _read_weights(
+        path / WEIGHTS_FILE, model), "ema": ema, "optimizer": optimizer_state, "scaler": saved.grad_scaler,
+            "rng": _read_every_rank_rng(path, saved)}
+
+
+def _check_same_run(path: Path, saved: SavedState, identity: RunIdentity) -> None:
+    spec, config = identity.spec, identity.config
+    if saved.model != spec:
+        changed = [f"{key} {value} here {getattr(spec, key)}" for key, value in saved.model.to_dict().items()
+                   if getattr(spec, key) != value]
+        raise CheckpointError(f"{path}: holds a different model ({', '.join(changed)}); resume with the flags "
+                              f"it was trained with")
+    for name in DATA_ORDER_FLAGS:
+        if getattr(saved.flags, name) != getattr(config, name):
+            raise CheckpointError(f"{path}: was trained with {flag(name)} {short(getattr(saved.flags, name))}, not "
+                                  f"{getattr(config, name)}; the data order would change, so pass the same value")
+    if saved.lr_schedule != identity.schedule.describe():
+        raise CheckpointError(f"{path}: follows the learning-rate schedule {short(saved.lr_schedule)}, this run "
+                              f"{identity.schedule.describe()}; pass the same --lr, --lr-schedule, --warmup-epochs "
+                              f"and --epochs so the resumed run continues the same curve")
+    if (path / EMA_FILE).exists() != config.model_ema:
+        had = "with" if (path / EMA_FILE).exists() else "without"
+        raise CheckpointError(f"{path}: was trained {had} --model-ema; resume {had} it")
+
+
+def _check_progress(path: Path, saved: SavedState, identity: RunIdentity) -> None:
+    problem = _progress_problem(saved, identity)
+    if problem:
+        raise CheckpointError(f"{path / STATE}: {problem}")
+
+
+def _progress_problem(saved: SavedState, identity: RunIdentity) -> str | None:
+    """What is wrong with the saved progress, sums and world size, judged against this run's data and length."""
+    progress, sums, steps = saved.progress, saved.partial_epoch_totals, identity.steps_per_epoch
+    epochs, samples = identity.config.epochs, progress.step_in_epoch * identity.config.batch_size
+    negative = [name for name in ("epoch", "step_in_epoch", "global_step") if getattr(progress, name) < 0]
+    if negative:
+        return f"progress.{negative[0]} must be a whole number of at least 0, got {getattr(progress, negative[0])}"
+    if progress.best_acc is not None and not 0 <= progress.best_acc <= 1:
+        return f"progress.best_acc must be null or in [0, 1], got {progress.best_acc}"
+    if progress.step_in_epoch > steps:
+        return f"progress.step_in_epoch {progress.step_in_epoch} is beyond the {steps} steps an epoch has on this data"
+    if progress.global_step != progress.epoch * steps + progress.step_in_epoch:
+        return (f"progress.global_step {progress.global_step} is not epoch {progress.epoch} x {steps} steps + "
+                f"{progress.step_in_epoch}; was it trained on other data?")
+    if progress.epoch > epochs or (progress.epoch == epochs and progress.step_in_epoch):
+        return (f"the checkpoint is past the end of a {epochs}-epoch run (epoch {progress.epoch + 1}); pass "
+                f"--epochs {progress.epoch + 1} or more")
+    if min(sums.loss, sums.correct) < 0 or sums.samples != samples or sums.correct > sums.samples:
+        return f"partial_epoch_totals count {sums.samples:g} samples where the progress implies {samples}"
+    if saved.world_size < 1 or len(saved.rng) != saved.world_size:
+        return f"world_size must be a positive integer with one 'rng' entry per rank, got {saved.world_size}"
+    return None
+
+
+def _read_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    metadata, layout = read_header(path)
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    if {name: shape for name, (_, shape) in layout.items()} != expected or SPEC_METADATA_KEY not in metadata:
+        raise CheckpointError(f"{path}: tensor names or shapes do not match the model")
+    return load_tensors(path)
+
+
+def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> None:
+    """The saved optimizer state has this optimizer's groups and per-parameter tensor shapes."""
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
+        raise ValueError("expected 'state' and 'param_groups'")
+    groups = saved["param_groups"]
+    if not isinstance(groups, list) or [g.get("params") if isinstance(g, dict) else None for g in groups] != \
+            [group["params"] for group in optimizer.state_dict()["param_groups"]]:
+        raise ValueError("parameter groups differ")
+    shapes = dict(enumerate(p.shape for group in optimizer.param_groups for p in group["params"]))
+    for index, entry in saved["state"].items():
+        if index not in shapes or not isinstance(entry, dict):
+            raise ValueError(f"state for unknown parameter {short(index)}")
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shapes[index]:
+                raise ValueError(f"{name} of parameter {index} has shape {list(value.shape)}, the parameter "
+                                 f"{list(shapes[index])}")
+
+
+def _read_every_rank_rng(path: Path, saved: SavedState) -> list[tuple[dict[str, torch.Tensor], dict]]:
+    """Every saved rank's generator states, each checked by loading it into scratch generators: a resume
+    that could not continue every stream exactly is refused."""
+    tensors = load_tensors(path / RNG_FILE)
+    every_rank = []
+    for rank, json_state in enumerate(saved.rng):
+        mine = {key.split(".", 1)[1]: value for key, value in tensors.items() if key.startswith(f"rank{rank}.")}
+        try:
+            if "cuda" in mine and torch.cuda.is_available() and mine["cuda"].shape != torch.cuda.get_rng_state().shape:
+                raise ValueError("CUDA generator state has the wrong size")
+            set_rng_state(mine, json_state, python=random.Random(), numpy=np.random.RandomState())
+        except (ValueError, TypeError, KeyError, RuntimeError, IndexError) as error:
+            raise CheckpointError(f"{path}: random generator state of rank {rank} is unusable ({short(error)}); "
+                                  f"resuming would not continue the run exactly") from None
+        every_rank.append((mine, json_state))
+    return every_rank
