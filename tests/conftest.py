@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from vgg_dist.synthetic import write_dataset
+from vgg_dist.data.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = str(REPO / "vgg_dist" / "train.py")
@@ -126,6 +126,29 @@ def train_here(tmp_path: Path, data_dir: Path, *args: str, name: str = "run", ex
     code, stdout, stderr = run_main(main, ["--data-dir", str(data_dir), "--output-dir", str(run_dir), *args])
     assert code == expect, f"exit {code}, expected {expect}:\n{stdout}\n{stderr}"
     return run_dir, stdout, stderr
+
+
+def tiny_checkpoint(step: int) -> tuple[dict, object]:
+    """(a state dict, its RunIdentity) as TrainState and the trainer would give them for a 10-weight
+    model at `step`: enough for `vgg_dist.store.checkpoint.write` to write a complete checkpoint."""
+    import torch
+    from vgg_dist.config import parse_config
+    from vgg_dist.store.checkpoint import RunIdentity
+    from vgg_dist.training.setup import make_schedule
+    from vgg_dist.training.state import EpochSums, Progress, rng_state
+    config = parse_config([*TINY_MODEL], prog="test", description="test")
+    identity = RunIdentity(spec=config.model_spec(1, 10), config=config, schedule=make_schedule(config, 100),
+                           steps_per_epoch=100)
+    state = {"progress": Progress(global_step=step, step_in_epoch=step), "sums": EpochSums(),
+             "model": {"w": torch.full((10,), float(step))}, "ema": None,
+             "optimizer": {"state": {}, "param_groups": [{"lr": 0.05, "params": [0]}]}, "scaler": None,
+             "rng": [rng_state()]}
+    return state, identity
+
+
+def saved_state(checkpoint: Path) -> dict:
+    """A checkpoint's state.json as plain JSON."""
+    return json.loads((checkpoint / "state.json").read_text())
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

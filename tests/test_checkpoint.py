@@ -22,13 +22,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import (REPO, TRAIN_SCRIPT, directory_bytes, launch_command, quiet_env, read_metrics, read_weights,
-                      run_bounded, train, train_here)
-from vgg_dist import checkpoint, checkpoint_state
+                      run_bounded, saved_state, tiny_checkpoint, train, train_here)
 from vgg_dist.config import parse_config
 from vgg_dist.errors import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE
 from vgg_dist.model import build_model
-from vgg_dist.optim import make_sgd
-from vgg_dist.training import make_schedule
+from vgg_dist.store import checkpoint
+from vgg_dist.store.checkpoint import RunIdentity
+from vgg_dist.training.optim import make_sgd
+from vgg_dist.training.setup import make_schedule
 
 STEPS_PER_EPOCH = 16
 MODEL = ["--image-size", "32", "--width-divisor", "16", "--hidden-size", "128"]
@@ -84,7 +85,7 @@ def resume(run_dir, tiny_data, num_processes=2, extra=()):
 
 def test_epoch_boundary_resume_is_bitwise_identical(reference, tiny_data, tmp_path):
     run_dir = stopped_copy(reference, tmp_path / "run", last_step=STEPS_PER_EPOCH)
-    state = checkpoint.read_state(run_dir / "checkpoints" / "step_0000016")
+    state = saved_state(run_dir / "checkpoints" / "step_0000016")
     assert state["progress"]["epoch"] == 1 and state["progress"]["step_in_epoch"] == 0
     resume(run_dir, tiny_data)
     assert_same_bits(run_dir, reference)
@@ -93,18 +94,19 @@ def test_epoch_boundary_resume_is_bitwise_identical(reference, tiny_data, tmp_pa
 def _crash_during_save(checkpoints_dir, step):
     """Start a real save in another process and kill it (os._exit) after it wrote part of a file."""
     script = textwrap.dedent(f"""
-        import os, torch, safetensors.torch
+        import os, sys
         from pathlib import Path
-        from vgg_dist import checkpoint
-        real = safetensors.torch.save_file
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        from conftest import tiny_checkpoint
+        from vgg_dist.store import checkpoint, files
+        real = files.save_file
         def dying_save(tensors, path, metadata=None):
             real(tensors, path, metadata=metadata)
             with open(path, "r+b") as handle:
                 handle.truncate(os.path.getsize(path) // 2)
             os._exit(9)
-        checkpoint.save_file = dying_save
-        checkpoint.save_checkpoint(Path({str(checkpoints_dir)!r}), {step},
-                                   {{"model.safetensors": ({{"w": torch.ones(1000)}}, {{}})}}, {{"x": 1}})
+        files.save_file = dying_save
+        checkpoint.write(Path({str(checkpoints_dir)!r}), *tiny_checkpoint({step}))
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=60, capture_output=True)
     assert result.returncode == 9, result.stderr
@@ -205,9 +207,7 @@ def test_sigusr1_under_slurm_checkpoints_and_requeues_once(tiny_data, tmp_path):
 
 
 def _tiny_save(checkpoints_dir, step):
-    return checkpoint.save_checkpoint(checkpoints_dir, step,
-                                      {"model.safetensors": ({"w": torch.full((10,), step)}, {})},
-                                      {"step": step})
+    return checkpoint.write(checkpoints_dir, *tiny_checkpoint(step))
 
 
 def test_rotation_only_after_commit_even_when_the_third_save_crashes(tmp_path):
@@ -256,7 +256,7 @@ def test_resuming_at_the_very_end_of_an_epoch_reports_no_speed_for_it(tiny_data,
             "--keep-last", "0"]
     run_dir, _, _ = train_here(tmp_path, tiny_data, *args)
     shutil.rmtree(run_dir / "checkpoints" / "step_0000016")
-    state = checkpoint.read_state(run_dir / "checkpoints" / "step_0000008")
+    state = saved_state(run_dir / "checkpoints" / "step_0000008")
     assert state["progress"] == {"epoch": 0, "step_in_epoch": 8, "global_step": 8, "best_acc": None}
     train_here(tmp_path, tiny_data, *args, "--resume", "auto")
     first, second = read_metrics(run_dir)
@@ -284,7 +284,7 @@ def test_nonfinite_loss_stops_all_ranks_and_is_never_checkpointed(tiny_data, tmp
 def _rewrite_manifest(path):
     """Make the manifest agree with what is on disk, so a later check (not the hash) has to catch it."""
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"] = {name: {"bytes": (path / name).stat().st_size, "sha256": checkpoint._sha256(path / name)}
+    manifest["files"] = {name: {"bytes": (path / name).stat().st_size, "sha256": checkpoint._sha256(path / name, (path / name).stat().st_size)}
                          for name in sorted(p.name for p in path.iterdir() if p.name != "manifest.json")}
     (path / "manifest.json").write_text(json.dumps(manifest))
 
@@ -356,39 +356,46 @@ BAD_CHECKPOINTS = {
     "pickle renamed": (_plant_pickle, "not a valid safetensors file"),
     "truncated and manifest rewritten": (lambda p, s: ((p / "model.safetensors").write_bytes(
         (p / "model.safetensors").read_bytes()[:5000]), _rewrite_manifest(p)), "not a valid safetensors file"),
-    "manifest files a list": (_edit_manifest(lambda m: m.update(files=list(m["files"]))), "'files' must map"),
+    "manifest files a list": (_edit_manifest(lambda m: m.update(files=list(m["files"]))),
+                              "manifest.json: files must be a mapping with text keys"),
     "manifest entry without bytes": (_edit_manifest(lambda m: m["files"]["state.json"].pop("bytes")),
-                                     "entry 'state.json' needs a byte count"),
+                                     "manifest.json: files.state.json: missing field 'bytes'"),
     "link to /dev/zero": (_replace_file("rng.safetensors", lambda p: p.symlink_to("/dev/zero")), "not a regular file"),
     "fifo": (_replace_file("rng.safetensors", os.mkfifo), "not a regular file"),
     "epoch -1": (_edit_state(lambda s: s["progress"].update(epoch=-1)), "progress.epoch must be a whole number"),
-    "epoch as text": (_edit_state(lambda s: s["progress"].update(epoch="1")), "progress.epoch must be a whole number"),
+    "epoch as text": (_edit_state(lambda s: s["progress"].update(epoch="1")), "state.json: progress.epoch must be int"),
     "epoch 50": (_edit_state(lambda s: s["progress"].update(epoch=50)), "progress.global_step 20 is not epoch 50"),
     "epoch 50, consistent": (_edit_state(_at_epoch(50)), "past the end of a 2-epoch run"),
     "step 100 of an epoch": (_edit_state(lambda s: s["progress"].update(step_in_epoch=100)), "beyond the 16 steps"),
-    "no optimizer": (_edit_state(lambda s: s.pop("optimizer")), "optimizer state does not fit"),
+    "no optimizer": (_edit_state(lambda s: s.pop("optimizer")), "state.json: missing field 'optimizer'"),
+    "optimizer of another shape": (_edit_state(lambda s: s.update(optimizer={"state": {}})),
+                                   "optimizer state does not fit"),
     "optimizer tensor misshapen": (_misshape_momentum, "optimizer state does not fit"),
     "python rng garbage": (_edit_state(lambda s: s["rng"][1].update(python=[3, [1, 2], None])),
                            "random generator state of rank 1 is unusable"),
     "rng file without tensors": (_empty_rng_file, "random generator state of rank 0 is unusable"),
-    "partial sums cut": (_edit_state(lambda s: s.update(partial_epoch_totals=[1.0, 2.0])), "three finite sums"),
+    "partial sums cut": (_edit_state(lambda s: s.update(partial_epoch_totals=[1.0, 2.0])),
+                         "state.json: partial_epoch_totals must be a mapping"),
+    "partial sums not finite": (_edit_state(lambda s: s["partial_epoch_totals"].update(loss=float("nan"))),
+                                "partial_epoch_totals.loss must be a finite number"),
     "world size 0": (_edit_state(lambda s: s.update(world_size=0)), "world_size must be a positive integer"),
 }
 
 
 def read_checkpoint(path, *flags, num_classes=10):
-    """checkpoint_state.read as the trainer calls it, for a run with ARGS and `flags`."""
+    """checkpoint.read as the trainer calls it, for a run with ARGS and `flags`."""
     config = parse_config([*ARGS, *flags], prog="train", description="test")
     spec = config.model_spec(in_channels=1, num_classes=num_classes)
     model = build_model(spec)
     optimizer = make_sgd(model, config.lr, config.momentum, config.nesterov, config.weight_decay, fused=False)
-    return checkpoint_state.read(path, spec, config.to_dict(), model, optimizer,
-                                 make_schedule(config, STEPS_PER_EPOCH), 0, STEPS_PER_EPOCH)
+    identity = RunIdentity(spec=spec, config=config, schedule=make_schedule(config, STEPS_PER_EPOCH),
+                           steps_per_epoch=STEPS_PER_EPOCH)
+    return checkpoint.read(path, identity, model, optimizer)
 
 
 def test_the_reference_checkpoint_itself_is_accepted(reference):
     restored = read_checkpoint(reference / "checkpoints" / "step_0000020")
-    assert restored.progress.global_step == 20 and restored.ema_weights is not None
+    assert restored["progress"].global_step == 20 and restored["ema"] is not None
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))

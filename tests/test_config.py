@@ -6,6 +6,7 @@ The one-line, exit-2 contract of each command is tested once per command with a 
 
 import dataclasses
 import os
+import time
 
 import pytest
 
@@ -77,7 +78,7 @@ def test_output_dir_that_cannot_be_a_directory_is_refused_before_any_work(tmp_pa
     ("- 1\n- 2\n", "must be a mapping"),
     ("epochs: [\n", "not readable YAML"),
     ("epochs: null\n", "epochs needs a value (int), not null"),
-    ("lr: true\n", "lr must be float"),
+    ("lr: true\n", "lr must be a finite number, got True"),
 ])
 def test_bad_config_file_is_refused(tmp_path, content, message):
     path = tmp_path / "bad.yaml"
@@ -147,3 +148,37 @@ def test_an_unknown_recipe_named_by_a_config_file_names_the_file(tmp_path):
     path.write_text("recipe: fastest\n")
     assert refusal("--config", str(path)) == (f"--config {path}: recipe 'fastest' is unknown; choose one of "
                                               f"best, chapter, fast")
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """A few hundred bytes of YAML whose aliases expand to 9**levels items."""
+    lines = ["a0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 9)}]" for n in range(1, levels)]
+    return "\n".join(lines) + f"\nrecipe: *l{levels - 1}\nepochs: *l{levels - 1}\n"
+
+
+@pytest.mark.parametrize("content, message", [
+    (_alias_bomb(), "aliases (*name) are not allowed"),
+    ("epochs: 3\nepochs: 5\n", "'epochs' is given twice"),
+    ("epochs: 3\nlr: 0.1\nepochs: 5\n", "'epochs' is given twice"),
+])
+def test_config_files_with_aliases_or_repeated_keys_are_refused_at_once(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    assert len(content) < 1000
+    started = time.monotonic()
+    text = refusal("--config", str(path))
+    assert time.monotonic() - started < 5 and len(text) < 400  # nothing expanded, into memory or the message
+    assert text.startswith(f"--config {path}: not readable YAML") and message in text
+
+
+def test_a_long_value_is_shortened_in_the_message(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text("epochs: [" + ", ".join(["1"] * 100_000) + "]\n")
+    text = refusal("--config", str(path))
+    assert "epochs must be int" in text and len(text) < 300
+
+
+@pytest.mark.parametrize("target, message", [("/dev/null", "not a regular file"), (".", "not a regular file")])
+def test_a_config_that_is_not_a_regular_file_is_refused(target, message):
+    assert refusal("--config", target) == f"--config {target}: {message}"

@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, isolated_run
-from vgg_dist.accelerated import make_accelerator
-from vgg_dist.checkpoint_state import Progress
 from vgg_dist.config import parse_config
-from vgg_dist.cuda_graph import EAGER_STEPS, GraphedUpdate
-from vgg_dist.ema import ModelEMA
 from vgg_dist.errors import UsageError
-from vgg_dist.optim import make_sgd
-from vgg_dist.training import (DeviceSums, NonFiniteWatch, Training, build_model_and_optimizer, check_cuda_graphs,
-                               make_augmenter, make_schedule, train_step, update)
+from vgg_dist.training.cuda_graph import EAGER_STEPS, GraphedUpdate
+from vgg_dist.training.dist import make_accelerator
+from vgg_dist.training.loop import Run, train_step, update
+from vgg_dist.training.optim import ModelEMA, make_sgd
+from vgg_dist.training.setup import build_model_and_optimizer, check_cuda_graphs, make_augmenter, make_schedule
+from vgg_dist.training.state import TrainState
 
 EVERY_FEATURE = [*TINY_MODEL, "--batch-norm", "--dropout", "0.3", "--batch-size", "8", "--lr", "0.1",
                  "--lr-schedule", "onecycle", "--warmup-epochs", "1", "--epochs", "2", "--momentum", "0.9",
@@ -27,7 +26,7 @@ def _config(*flags):
     return parse_config(list(flags), prog="t", description="t")
 
 
-def _train(graphed: bool, fused: bool) -> tuple[Training, dict]:
+def _train(graphed: bool, fused: bool) -> tuple[TrainState, dict]:
     """STEPS steps with every feature on, through train_step; `graphed` replays `update` from a recording.
     `fused`: the fused SGD a GPU gets (the CPU has one too), which reads the recording's tensor lr."""
     config = _config(*EVERY_FEATURE)
@@ -48,17 +47,17 @@ def _train(graphed: bool, fused: bool) -> tuple[Training, dict]:
             optimizer = make_sgd(model, config.lr, config.momentum, config.nesterov, config.weight_decay, fused=True)
         ema = ModelEMA(model, config.model_ema_decay)
         model, optimizer = accelerator.prepare(model, optimizer)
-        t = Training(accelerator, model, optimizer, make_schedule(config, STEPS // 2), config, Progress(),
-                     DeviceSums(accelerator.device), NonFiniteWatch(accelerator.device),
-                     make_augmenter(accelerator, config), ema)
+        state = TrainState(accelerator=accelerator, model=model, optimizer=optimizer, ema=ema, seed=config.seed)
+        run = Run(config=config, schedule=make_schedule(config, STEPS // 2), augment=make_augmenter(accelerator, config))
+        step_update = lambda *batch: update(state, run, *batch)  # noqa: E731
         if graphed:
-            t.graphed = GraphedUpdate(lambda *batch: update(t, *batch), optimizer, accelerator.device, record)
+            step_update = GraphedUpdate(step_update, optimizer, accelerator.device, record)
         data = torch.Generator().manual_seed(1)
         for step in range(STEPS):
-            t.progress.epoch, t.progress.step_in_epoch = divmod(step, STEPS // 2)
+            state.progress.epoch, state.progress.step_in_epoch = divmod(step, STEPS // 2)
             images = torch.randint(0, 256, (8, 1, 28, 28), generator=data, dtype=torch.uint8)
-            train_step(t, images, torch.randint(0, 10, (8,), generator=data))
-    return t, recorded
+            train_step(state, run, step_update, images, torch.randint(0, 10, (8,), generator=data))
+    return state, recorded
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach_sgd", "fused_sgd"])
@@ -76,7 +75,7 @@ def test_a_graphed_step_trains_exactly_like_an_eager_one(fused):
     for name, value in eager.ema.state_dict().items():
         assert torch.equal(value, graphed.ema.state_dict()[name]), name
     assert torch.equal(eager.sums.values, graphed.sums.values)
-    assert graphed.sums.local().samples == STEPS * 8
+    assert graphed.sums.values[2].item() == STEPS * 8
     # Outside a recording the groups hold plain numbers, which checkpoints store.
     assert all(isinstance(group["lr"], float) for group in graphed.optimizer.param_groups)
 

@@ -2,6 +2,7 @@ import gzip
 import json
 import os
 import struct
+import re
 import subprocess
 import sys
 import time
@@ -9,9 +10,10 @@ import time
 import pytest
 import torch
 
-from vgg_dist.data import EpochBatchSampler, SPLIT_FILES, load_dataset, read_idx, to_model_input, write_idx
+from vgg_dist.data.batches import EpochBatchSampler, to_model_input
+from vgg_dist.data.sources import SPLIT_FILES, load_dataset, read_idx, write_idx
 from vgg_dist.errors import UsageError
-from vgg_dist.synthetic import make_images, write_dataset
+from vgg_dist.data.synthetic import make_images, write_dataset
 
 
 def test_idx_round_trip(tmp_path):
@@ -94,7 +96,7 @@ def test_missing_file_names_the_flag_and_the_file(tmp_path):
 def test_validation_survives_python_O(tmp_path):
     write_dataset(tmp_path, train=12, test=5)
     _corrupt(tmp_path, "train-labels-idx1-ubyte.gz", _idx(1, [11], bytes(11)))
-    code = f"from vgg_dist.data import load_dataset; load_dataset('fashion_mnist', {str(tmp_path)!r})"
+    code = f"from vgg_dist.data.sources import load_dataset; load_dataset('fashion_mnist', {str(tmp_path)!r})"
     result = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "holds 11 labels" in result.stderr
 
@@ -112,7 +114,7 @@ def test_offline_hub_says_how_to_get_the_data(monkeypatch):
 
 def test_an_unreachable_hub_fails_in_seconds_not_after_retries(tmp_path):
     # A port nothing listens on: `datasets` alone would retry for half a minute.
-    code = "from vgg_dist.data import load_dataset; load_dataset('fashion_mnist', None)"
+    code = "from vgg_dist.data.sources import load_dataset; load_dataset('fashion_mnist', None)"
     env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
     started = time.monotonic()
@@ -174,8 +176,8 @@ HUB_COPY_SCRIPT = """
 import dataclasses, json, sys
 import datasets, torch
 from PIL import Image
-from vgg_dist import data
-from vgg_dist.synthetic import make_images
+from vgg_dist.data import sources as data
+from vgg_dist.data.synthetic import make_images
 folder = sys.argv[1]
 images, labels = make_images(12, seed=5)
 names = list(data.DATASETS["fashion_mnist"].class_names)
@@ -205,3 +207,86 @@ def test_hub_path_loads_a_dataset_laid_out_as_the_hub_copy(tmp_path):
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded == {"shape": [12, 1, 28, 28], "dtype": "torch.uint8", "images_equal": True, "labels_equal": True,
                       "test_labels_equal": True, "source": f"hf://{tmp_path}"}
+
+
+# ---- single image files, as predict reads them ---------------------------------------------------------
+
+def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vgg_dist.data.images import decode
+    gradient = np.linspace(0, 65535, 256).round().astype(np.uint16).reshape(1, 256)
+    path = tmp_path / "wide.png"
+    Image.fromarray(gradient).save(path)
+    with Image.open(path) as image:
+        assert image.mode in ("I;16", "I")  # Pillow's own convert("L") clips these to 0 or 255
+    decoded = decode(path, 1, (1, 256))[0, 0]
+    expected = torch.from_numpy((gradient[0] / 257).round().astype(np.uint8))
+    assert torch.equal(decoded, expected) and decoded[128] in (127, 128)
+    assert decode(path, 3, (1, 256)).shape == (3, 1, 256)
+
+
+def test_a_photo_keeps_its_proportions(tmp_path):
+    from PIL import Image
+
+    from vgg_dist.data.images import decode
+    wide = torch.zeros(20, 40, dtype=torch.uint8)
+    wide[:, 10:30] = 255  # a white square between black margins
+    path = tmp_path / "wide.png"
+    Image.fromarray(wide.numpy()).save(path)
+    decoded = decode(path, 1, (10, 10))[0]
+    # The shorter side fills 10 pixels and the centre is kept: the square and nothing else (its edge columns
+    # only softened by the antialiasing filter). Squeezed to 10 x 10 instead, black margins would show.
+    assert decoded.shape == (10, 10) and (decoded[:, 1:-1] == 255).all() and (decoded > 200).all()
+
+
+def test_an_image_just_over_the_pixel_limit_is_refused_without_a_warning(tmp_path, recwarn):
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from vgg_dist.data.images import ImageError, decode
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    side = int((1.5 * Image.MAX_IMAGE_PIXELS) ** 0.5)  # between the limit and twice it: Pillow only warns
+    path = tmp_path / "large.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    with pytest.raises(ImageError, match="too many to decode safely; shrink it first") as caught:
+        decode(path, 1, (28, 28))
+    assert str(path) in str(caught.value) and not recwarn.list
+
+
+# ---- class names -----------------------------------------------------------------------------------------
+
+def test_class_names_come_from_a_file_when_given(tmp_path):
+    from vgg_dist.data.sources import read_class_names
+    write_dataset(tmp_path, train=12, test=5)
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"digit {n}" for n in range(10)) + "\n\n")
+    data = load_dataset("fashion_mnist", tmp_path, read_class_names(names))
+    assert data.class_names == tuple(f"digit {n}" for n in range(10))
+    assert load_dataset("mnist", tmp_path).class_names == tuple(str(n) for n in range(10))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a\nb\na\n", "names repeat (a)"),
+    ("only\n", "needs at least two names"),
+    ("a\n\nb\n", "no blank lines between them"),
+])
+def test_a_bad_class_names_file_is_refused(tmp_path, text, message):
+    from vgg_dist.data.sources import read_class_names
+    path = tmp_path / "names.txt"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=re.escape(f"--class-names {path}: ")) as caught:
+        read_class_names(path)
+    assert message in str(caught.value)
+
+
+def test_fewer_class_names_than_labels_is_refused(tmp_path):
+    write_dataset(tmp_path, train=40, test=5)
+    with pytest.raises(UsageError, match="is not below the 3 classes"):
+        load_dataset("fashion_mnist", tmp_path, ("a", "b", "c"))

@@ -23,6 +23,7 @@ PROMISES = {
                         "rdzv_backend": "c10d", "main_process_port": 29500, "machine_rank": 0},
     "cpu_multi_process.yaml": {"distributed_type": "MULTI_GPU", "num_processes": 2, "use_cpu": False,
                                "mixed_precision": "no"},
+    "cpu.yaml": {"distributed_type": "NO", "num_processes": 1, "use_cpu": True, "mixed_precision": "no"},
 }
 
 
@@ -50,7 +51,7 @@ def test_every_launch_file_is_covered():
         assert sbatch.read_text().splitlines()[1].startswith(f"# sbatch launch/slurm/{sbatch.name}")
     for script in [*(LAUNCH / "slurm").glob("*.sbatch"), *LAUNCH.glob("*.sh")]:
         assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, script
-    assert (LAUNCH / "gpu_check.sh").read_text().splitlines()[1] == "# bash launch/gpu_check.sh OUT_DIR"
+    assert (REPO / "tools" / "gpu_check.sh").read_text().splitlines()[1] == "# bash tools/gpu_check.sh OUT_DIR"
 
 
 def machine_command(rank, port, run_dir, data, *extra, processes_per_machine=1):
@@ -195,14 +196,14 @@ def test_sbatch_forms_one_world_and_turns_the_time_limit_signal_into_a_checkpoin
     assert "requeued SLURM job 777" in stdout
     requeues = [line for line in calls.read_text().splitlines() if line.startswith("scontrol requeue")]
     assert requeues == ["scontrol requeue 777"]
-    from vgg_dist import checkpoint
+    from vgg_dist.store import checkpoint
     newest = checkpoint.list_checkpoints(run_dir / "checkpoints")[-1]
     checkpoint.verify(newest)
     assert f"checkpoint {newest}" in stdout  # the one written on the way out is complete
 
 
 def test_gpu_check_summary_computes_each_figure_from_the_files_and_marks_failures(tmp_path):
-    """launch/summarize_gpu_check.py on an OUT directory shaped like gpu_check.sh's (small made-up runs)."""
+    """tools/summarize_gpu_check.py on an OUT directory shaped like gpu_check.sh's (small made-up runs)."""
     def epoch(number, seconds, accuracy, memory):
         return {"epoch": number, "train_samples": 1000, "seconds": seconds, "eval_seconds": 0.5,
                 "examples_per_sec": 1000 / seconds, "test_acc": accuracy, "peak_memory_bytes": memory}
@@ -226,7 +227,7 @@ def test_gpu_check_summary_computes_each_figure_from_the_files_and_marks_failure
     (tmp_path / "bench_eager.log").write_text("table\n")
     (tmp_path / "bench_crashed.log").write_text("Traceback ...\nRuntimeError: capture failed\n")
 
-    result = subprocess.run([sys.executable, str(REPO / "launch" / "summarize_gpu_check.py"), str(tmp_path)],
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "summarize_gpu_check.py"), str(tmp_path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -237,6 +238,16 @@ def test_gpu_check_summary_computes_each_figure_from_the_files_and_marks_failure
     assert "| eager | bf16 | no | False | True | 41,234 |  | 2.0 | 1,536 |" in lines
     assert "| crashed | failed: RuntimeError: capture failed |" in lines
     assert "fast: 3 seeds, mean test acc 0.9300 (sd 0.0100; 0.9400, 0.9200, 0.9300)" in lines
-    refused = subprocess.run([sys.executable, str(REPO / "launch" / "summarize_gpu_check.py"), str(tmp_path / "no")],
+    refused = subprocess.run([sys.executable, str(REPO / "tools" / "summarize_gpu_check.py"), str(tmp_path / "no")],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "usage:" in refused.stderr
+
+
+def test_the_cpu_quick_start_ends_a_refusal_with_its_one_error_line():
+    """The README's CPU command: no launcher warning before the run, and our `error:` line last, not the
+    launcher's traceback. `accelerate launch` reports any failed worker as exit 1, whatever its code."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(LAUNCH / "cpu.yaml"),
+               TRAIN_SCRIPT, "--epochs", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, env=quiet_env(), cwd=REPO, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == ["error: --epochs must be a positive integer, got 0"], result.stderr

@@ -111,7 +111,7 @@ def test_xavier_init_as_the_chapter():
 
 
 def test_saved_names_are_the_plain_models_even_when_compiled():
-    from vgg_dist.accelerated import make_accelerator, unwrapped_state_dict
+    from vgg_dist.training.dist import make_accelerator, unwrapped_state_dict
     accelerator = make_accelerator()
     model = build_model(ModelSpec(width_divisor=16, image_size=32, hidden_size=16))
     compiled = torch.compile(accelerator.prepare(model), dynamic=False)  # never run: no compilation happens

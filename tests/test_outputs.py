@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 from conftest import TINY_MODEL, read_weights, run_bounded, run_main, train_here
-from vgg_dist import artifacts, evaluate
-from vgg_dist.data import to_model_input
+from vgg_dist import evaluate
+from vgg_dist.store import artifacts
+from vgg_dist.data.batches import to_model_input
+from vgg_dist.data.images import decode
 from vgg_dist.predict import main as predict_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -88,10 +90,9 @@ def _write_images(directory: Path) -> dict[str, Path]:
 
 
 def _expected_class(model, path: Path, image_size: int) -> int:
-    """The model's own forward pass on the equivalent tensor: grey levels at 28x28, then the training resize."""
-    with Image.open(path) as image:
-        small = image.convert("L").resize((28, 28), Image.Resampling.BILINEAR)
-    tensor = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8).view(1, 1, 28, 28)
+    """The model's own forward pass on the file as the run stores images (decoded to grey at 28x28; the
+    decoding itself is tested below), then the training resize."""
+    tensor = decode(path, 1, (28, 28))[None]
     with torch.no_grad():  # the shared run evaluates with flip TTA, so predict does too
         x = to_model_input(tensor, image_size)
         return int((model(x).softmax(dim=1) + model(x.flip(-1)).softmax(dim=1)).argmax())
@@ -100,14 +101,58 @@ def _expected_class(model, path: Path, image_size: int) -> int:
 def test_predict_matches_the_models_forward_pass(two_process_run, tmp_path, capsys):
     run_dir, _ = two_process_run
     paths = _write_images(tmp_path)
-    model, config = artifacts.load_model(run_dir)
-    assert predict_main(["--checkpoint", str(run_dir), "--json", "--top-k", "2", *map(str, paths.values())]) == 0
+    model, info = artifacts.load_model(run_dir)
+    assert predict_main(["--checkpoint", str(run_dir), "--json", "--top-k", "2", "--no-invert",
+                         *map(str, paths.values())]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["image"] for line in lines] == [str(path) for path in paths.values()]
     for line, path in zip(lines, paths.values()):
         assert len(line["top"]) == 2 and line["top"][0]["probability"] >= line["top"][1]["probability"]
-        assert line["top"][0]["index"] == _expected_class(model, path, config["model"]["image_size"])
-        assert line["top"][0]["class"] == config["class_names"][line["top"][0]["index"]]
+        assert line["top"][0]["index"] == _expected_class(model, path, info.model.image_size)
+        assert line["top"][0]["class"] == info.class_names[line["top"][0]["index"]]
+
+
+def _garment_photo(path: Path, light_background: bool, bits: int = 8) -> Path:
+    """A 60x40 picture of a plain shape: light on black as Fashion-MNIST draws garments, or dark on white
+    as product photos show them; 8 or 16 bits per grey level."""
+    import numpy as np
+    ink = np.zeros((60, 40))
+    ink[10:50, 8:32] = 0.8
+    ink[10:20, 0:40] = 0.6  # sleeves
+    levels = (1 - ink) if light_background else ink
+    top = 65535 if bits == 16 else 255
+    Image.fromarray((levels * top).round().astype(np.uint16 if bits == 16 else np.uint8)).save(path)
+    return path
+
+
+def _predict_json(run_dir, *args, capsys):
+    code = predict_main(["--checkpoint", str(run_dir), "--json", "--top-k", "10", *map(str, args)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return [json.loads(line)["top"] for line in captured.out.splitlines()], captured.err
+
+
+def test_a_dark_on_white_photo_is_inverted_and_says_so(two_process_run, tmp_path, capsys):
+    run_dir, _ = two_process_run
+    photo = _garment_photo(tmp_path / "photo.png", light_background=True)
+    drawn = _garment_photo(tmp_path / "drawn.png", light_background=False)
+    (automatic,), note = _predict_json(run_dir, photo, capsys=capsys)
+    assert note == (f"note: {photo} has a background unlike the training images'; inverted it (--no-invert keeps "
+                    f"it as it is)\n")
+    (forced,), _ = _predict_json(run_dir, "--invert", photo, capsys=capsys)
+    (same_as_drawn,), quiet = _predict_json(run_dir, drawn, capsys=capsys)
+    assert automatic == forced == same_as_drawn and quiet == ""  # 255 - photo is the drawing, exactly
+    (kept,), quiet = _predict_json(run_dir, "--no-invert", photo, capsys=capsys)
+    assert kept != automatic and quiet == ""
+
+
+def test_a_16_bit_photo_predicts_as_its_8_bit_copy(two_process_run, tmp_path, capsys):
+    run_dir, _ = two_process_run
+    wide = _garment_photo(tmp_path / "wide.png", light_background=False, bits=16)
+    narrow = _garment_photo(tmp_path / "narrow.png", light_background=False, bits=8)
+    (from_wide, from_narrow), note = _predict_json(run_dir, wide, narrow, capsys=capsys)
+    assert note == "" and [e["class"] for e in from_wide] == [e["class"] for e in from_narrow]
+    assert [e["probability"] for e in from_wide] == pytest.approx([e["probability"] for e in from_narrow], abs=1e-3)
 
 
 def test_predict_console_script_prints_top_classes_or_one_error_line(two_process_run, tmp_path):
@@ -160,7 +205,7 @@ def test_predict_refuses_a_decompression_bomb_and_a_fifo(two_process_run, tmp_pa
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_header(30000, 30000))
     assert predict_main(["--checkpoint", str(run_dir), str(bomb)]) == 2
-    assert "too many pixels to decode safely" in capsys.readouterr().err
+    assert "pixels, too many to decode safely; shrink it first" in capsys.readouterr().err
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     assert predict_main(["--checkpoint", str(run_dir), str(fifo)]) == 2  # would block forever if opened
@@ -179,7 +224,8 @@ EDITED_CONFIGS = {
     "too few class names": (lambda c: c.update(class_names=["a", "b"]), "class_names must list 10 names"),
     "absurd source size": (lambda c: c.update(source_image_size=[100000, 100000]), "source_image_size must be"),
     "model of another size": (lambda c: c["model"].update(hidden_size=4096), "do not belong together"),
-    "no model": (lambda c: c.pop("model"), "has no 'model' section"),
+    "no model": (lambda c: c.pop("model"), "config.json: missing field 'model'"),
+    "unknown field": (lambda c: c.update(colour="red"), "config.json: unknown field 'colour'"),
 }
 
 
@@ -206,10 +252,10 @@ def test_evaluate_refuses_a_flag_of_the_wrong_type_in_the_config(two_process_run
     config = json.loads((copy / "config.json").read_text())
     config["flags"]["batch_size"] = "128"
     (copy / "config.json").write_text(json.dumps(config))
-    code, _, stderr = run_main(evaluate.main, ["--checkpoint", str(copy)])
-    assert code == 2 and "the run's config says batch_size is '128'" in stderr and "pass --batch-size" in stderr
-    code, stdout, _ = run_main(evaluate.main, ["--checkpoint", str(copy), "--batch-size", "16"])
-    assert code == 0 and json.loads(stdout)["test_samples"] == 77
+    for flags in ([], ["--batch-size", "16"]):  # a damaged config.json is refused whatever else is given
+        code, stdout, stderr = run_main(evaluate.main, ["--checkpoint", str(copy), *flags])
+        assert code == 2 and stdout == "" and stderr.count("\n") == 1, stderr
+        assert f"{copy / 'config.json'}: flags.batch_size must be int, got '128'" in stderr
 
 
 def test_evaluate_contract_one_line_exit_2(tmp_path):

@@ -10,9 +10,9 @@ import torch.multiprocessing as multiprocessing
 from torch import nn
 
 from conftest import TINY_MODEL, free_port, read_metrics, train_here
-from vgg_dist.augment import Augmentation, BatchAugmenter, step_seed
-from vgg_dist.ema import ModelEMA
-from vgg_dist.optim import LRSchedule, make_sgd
+from vgg_dist.data.augment import Augmentation, BatchAugmenter, step_seed
+from vgg_dist.training.optim import ModelEMA
+from vgg_dist.training.optim import LRSchedule, make_sgd
 
 
 def test_schedules_at_chosen_steps():
@@ -127,19 +127,21 @@ def test_weight_decay_spares_biases_and_batchnorm():
 
 
 def test_tta_averages_the_image_and_its_mirror():
-    from vgg_dist.accelerated import evaluate, make_accelerator, make_loader
-    from vgg_dist.data import EpochBatchSampler, Split
+    from vgg_dist.training.dist import evaluate, make_accelerator, make_loader
+    from vgg_dist.data.batches import EpochBatchSampler
+    from vgg_dist.data.sources import Split
     from vgg_dist.model import ModelSpec, build_model
     from conftest import isolated_run
     with isolated_run():
         accelerator = make_accelerator()
         torch.manual_seed(0)
-        model = build_model(ModelSpec(width_divisor=16, image_size=32, hidden_size=32)).eval()
+        spec = ModelSpec(width_divisor=16, image_size=32, hidden_size=32)
+        model = build_model(spec).eval()
         images, labels = _images(10), torch.arange(10) % 10
         split = Split(images, labels)
         loader = make_loader(split, EpochBatchSampler(10, 4, shuffle=False, drop_last=False), accelerator.device)
-        _, loss = evaluate(accelerator, model, loader, 32, 10, channels_last=False, tta=True)
-        from vgg_dist.data import to_model_input
+        _, loss = evaluate(accelerator, model, loader, spec, tta=True)
+        from vgg_dist.data.batches import to_model_input
         with torch.no_grad():
             x = to_model_input(images, 32)
             mean = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
@@ -149,7 +151,7 @@ def test_tta_averages_the_image_and_its_mirror():
 def _batch_norm_worker(rank: int, port: int, inputs: torch.Tensor, results: dict) -> None:
     import torch.distributed as dist
 
-    from vgg_dist.sync_batchnorm import GlobalBatchNorm2d
+    from vgg_dist.training.sync_batchnorm import GlobalBatchNorm2d
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     layer = GlobalBatchNorm2d(3)
@@ -182,11 +184,11 @@ def test_global_batchnorm_on_two_processes_equals_batchnorm_on_the_whole_batch()
 
 def test_train_step_clips_the_gradient_norm_and_smooths_the_labels():
     from conftest import isolated_run
-    from vgg_dist.accelerated import make_accelerator
-    from vgg_dist.checkpoint_state import Progress
     from vgg_dist.config import parse_config
-    from vgg_dist.training import DeviceSums, NonFiniteWatch, Training, build_model_and_optimizer, make_schedule
-    from vgg_dist.training import train_step
+    from vgg_dist.training.dist import make_accelerator
+    from vgg_dist.training.loop import Run, make_update, train_step
+    from vgg_dist.training.setup import build_model_and_optimizer, make_schedule
+    from vgg_dist.training.state import TrainState
 
     def one_step(*flags):
         with isolated_run():
@@ -195,11 +197,11 @@ def test_train_step_clips_the_gradient_norm_and_smooths_the_labels():
             model, optimizer = build_model_and_optimizer(accelerator, config, config.model_spec(1, 10))
             model, optimizer = accelerator.prepare(model, optimizer)
             before = [p.detach().clone() for p in model.parameters()]
-            t = Training(accelerator, model, optimizer, make_schedule(config, 10), config, Progress(),
-                         DeviceSums(accelerator.device), NonFiniteWatch(accelerator.device))
-            train_step(t, _images(8), torch.arange(8))
+            state = TrainState(accelerator=accelerator, model=model, optimizer=optimizer, ema=None, seed=config.seed)
+            run = Run(config=config, schedule=make_schedule(config, 10))
+            train_step(state, run, make_update(state, run), _images(8), torch.arange(8))
             moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
-            return moved.norm().item(), t.sums.local().loss
+            return moved.norm().item(), state.sums.reduced(accelerator).loss
 
     free_norm, plain_loss = one_step()
     clipped_norm, _ = one_step("--clip-grad-norm", "0.001")

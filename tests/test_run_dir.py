@@ -13,9 +13,9 @@ import time
 import pytest
 
 from conftest import REPO, TINY_MODEL, TRAIN_SCRIPT, directory_bytes, quiet_env, read_metrics, train_here
-from vgg_dist import run_lock
+from vgg_dist.store import lock as run_lock
 from vgg_dist.errors import UsageError
-from vgg_dist.run_lock import LOCK_NAME, RunLock
+from vgg_dist.store.lock import LOCK_NAME, RunLock
 
 QUICK = [*TINY_MODEL, "--epochs", "1", "--batch-size", "32"]
 
@@ -60,10 +60,11 @@ def test_a_refused_resume_leaves_no_new_directory_behind(finished_run, tiny_data
 def test_a_checkpoints_path_that_is_a_file_is_refused_at_once(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
     (run_dir / "checkpoints").write_text("not a directory")
     _, stdout, stderr = train_here(tmp_path, tiny_data, *QUICK, "--resume", "auto", expect=2)
     assert "checkpoints is a file" in stderr and "epoch 1/" not in stdout
-    assert sorted(path.name for path in run_dir.iterdir()) == ["checkpoints"]
+    assert sorted(path.name for path in run_dir.iterdir()) == ["checkpoints", "config.json"]
 
 
 def test_a_second_writer_is_refused_and_a_killed_writers_lock_does_not_block(tiny_data, tmp_path):

@@ -30,7 +30,7 @@ py="${PYTHON:-python3}"  # the lent GPU machines' python3 is the one that holds 
 sections="${SECTIONS:-bench chapter fast best}"
 data="${DATA_DIR:-data/fashion_mnist}"
 if [ "${SMOKE:-0}" = 1 ]; then
-  "$py" -c "from vgg_dist.synthetic import write_dataset; write_dataset('$scratch/data', 512, 200)"
+  "$py" -c "from vgg_dist.data.synthetic import write_dataset; write_dataset('$scratch/data', 512, 200)"
   data="$scratch/data"
   bench_size=(--image-size 32 --steps 2 --warmup 4 --batch-size 16 --baseline-workers 0)
   run_size=(--epochs 1 --max-train-samples 256 --max-eval-samples 100 --image-size 32 --warmup-epochs 0

@@ -159,8 +159,8 @@ def build_parser(prog: str, description: str, with_defaults: bool = True) -> arg
         options = {"help": field.metadata["help"], **({"default": field.default} if with_defaults else {})}
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
-        elif field.name == "recipe":
-            options["choices"] = recipe_names()
+        elif field.name == "recipe":  # checked by parse_config, whose message names the recipe files
+            options["metavar"] = "{" + ",".join(recipe_names()) + "}"
         elif "choices" in field.metadata:
             options["choices"] = field.metadata["choices"]
         else:

@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     loader = make_loader(test, EpochBatchSampler(len(test), batch_size, shuffle=False, drop_last=False),
                          accelerator.device)
     model, loader = accelerator.prepare(model, loader)
-    confusion, test_loss = evaluate(accelerator, model, loader, spec.image_size, spec.num_classes,
-                                    flags.channels_last, tta)
+    confusion, test_loss = evaluate(accelerator, model, loader, spec, flags.channels_last, tta)
     if accelerator.is_main_process:
         print(json.dumps({"test_acc": accuracy(confusion), "test_loss": test_loss,
                           "test_samples": sample_count(confusion), "checkpoint": str(args.checkpoint)}))

@@ -88,13 +88,13 @@ def check_value(annotation, value, path: str):
 def checked_fields(cls, values, path: str) -> dict:
     """The given fields of dataclass `cls`, each checked; unknown names are refused."""
     if not isinstance(values, dict):
-        raise FieldError(f"{path} must be a mapping of field names to values, got {short(values)}")
+        raise FieldError(f"{path or 'it'} must be a mapping of field names to values, got {short(values)}")
     hints = _hints(cls)
     known = {field.name for field in dataclasses.fields(cls)}
     checked = {}
     for name, value in values.items():
         if name not in known:
-            raise FieldError(f"{path or 'the mapping'}: unknown field {short(name)}")
+            raise FieldError(f"{path + ': ' if path else ''}unknown field {short(name)}")
         checked[name] = check_value(hints[name], value, f"{path}.{name}" if path else name)
     return checked
 
@@ -106,5 +106,5 @@ def from_dict(cls, values, path: str = ""):
     for field in dataclasses.fields(cls):
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         if required and field.name not in checked:
-            raise FieldError(f"{path or 'the mapping'}: missing field {field.name!r}")
+            raise FieldError(f"{path + ': ' if path else ''}missing field {field.name!r}")
     return cls(**checked)

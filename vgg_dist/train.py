@@ -37,7 +37,8 @@ from vgg_dist.training.loop import Result, Run, fit
 from vgg_dist.training.optim import ModelEMA
 from vgg_dist.training.preemption import StopRequest
 from vgg_dist.training.setup import (build_model_and_optimizer, check_cuda_graphs, compile_cache_dir, compiles,
-                                     make_augmenter, make_schedule, maybe_compile)
+                                     make_augmenter, make_schedule, maybe_compile,
+                                     settle_compile_cache)
 from vgg_dist.training.state import TrainState
 
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(config.dist_timeout, config.report_to, config.ddp_bf16_grads, config.cuda_graphs)
     check_layout(accelerator, config.batch_size)
     check_cuda_graphs(accelerator, config)
+    settle_compile_cache(config, accelerator.device)
     layout = gather_layout(accelerator)
     with Store.open(accelerator, config) as store:
         data, splits = load_splits(accelerator, config)

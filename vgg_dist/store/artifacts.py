@@ -44,7 +44,7 @@ def read_weights_spec(path: Path) -> ModelSpec:
 def _loose_checkpoint_info(checkpoint_dir: Path) -> RunInfo:
     """What a checkpoint outside any run says about itself, from its state.json."""
     try:
-        saved = from_dict(checkpoint.SavedState, read_json(checkpoint_dir / checkpoint.STATE), checkpoint.STATE)
+        saved = from_dict(checkpoint.SavedState, read_json(checkpoint_dir / checkpoint.STATE))
     except FieldError as error:
         raise UsageError(f"{checkpoint_dir / checkpoint.STATE}: {error}") from None
     flags = saved.flags

@@ -253,9 +253,9 @@ def verify(path: Path) -> Manifest:
     if not (path / MANIFEST).exists():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST})")
     try:
-        manifest = from_dict(Manifest, read_json(path / MANIFEST, CheckpointError), MANIFEST)
+        manifest = from_dict(Manifest, read_json(path / MANIFEST, CheckpointError))
     except FieldError as error:
-        raise CheckpointError(f"{path}: {error}") from None
+        raise CheckpointError(f"{path / MANIFEST}: {error}") from None
     if manifest.format_version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {manifest.format_version} is not {FORMAT_VERSION}; it "
                               f"was written by another vgg_dist version")
@@ -295,7 +295,7 @@ def read(path: Path, identity: RunIdentity, model: torch.nn.Module, optimizer: t
     CheckpointError otherwise. Changes nothing."""
     verify(path)
     try:
-        saved = from_dict(SavedState, read_json(path / STATE, CheckpointError), STATE)
+        saved = from_dict(SavedState, read_json(path / STATE, CheckpointError))
     except FieldError as error:
         raise CheckpointError(f"{path / STATE}: {error}") from None
     _check_same_run(path, saved, identity)

@@ -58,7 +58,7 @@ class RunLock:
         for _ in range(3):
             try:
                 descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
+            except (FileExistsError, IsADirectoryError):  # a directory at the name: _read_holder says so
                 holder = self._read_holder()
                 if holder is not None and self._alive(holder):
                     raise UsageError(f"--output-dir {self.path.parent} is in use by another run (pid "
@@ -106,12 +106,13 @@ class RunLock:
             kind = "a symbolic link" if error.errno == errno.ELOOP else f"unreadable ({error.strerror})"
             raise UsageError(f"{self.path} is {kind}, not a vgg_dist lock file; remove it if no run uses "
                              f"{self.path.parent}") from None
+        mode = os.fstat(descriptor).st_mode  # before fdopen, which refuses a directory with its own error
+        if not stat.S_ISREG(mode):
+            os.close(descriptor)
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a file"
+            raise UsageError(f"{self.path} is {kind}, not a vgg_dist lock file; remove it if no run uses "
+                             f"{self.path.parent}")
         with os.fdopen(descriptor, "rb") as handle:
-            mode = os.fstat(handle.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a file"
-                raise UsageError(f"{self.path} is {kind}, not a vgg_dist lock file; remove it if no run uses "
-                                 f"{self.path.parent}")
             text = handle.read(1 << 16)
         try:
             holder = json.loads(text)

@@ -45,16 +45,21 @@ def _inside_checkpoints(path: Path) -> Path | None:
     for directory in [path, *path.parents]:
         if directory.name == CHECKPOINTS_DIR and (directory.parent / CONFIG_NAME).is_file():
             return directory.parent
-    return path.parent.parent if (path / checkpoint.MANIFEST).exists() else None
+    return None
 
 
-def _foreign_entry(path: Path) -> str | None:
-    """The first entry of `path` that no run writes (temporary and abandoned-lock files are a run's)."""
-    for entry in sorted(path.iterdir()) if path.is_dir() else []:
-        ours = entry.name in RUN_NAMES or (entry.name.startswith(".") and (
-            entry.name.endswith(".tmp") or entry.name.startswith(f"{LOCK_NAME}.abandoned")))
-        if not ours:
-            return entry.name
+def _not_a_run(path: Path) -> str | None:
+    """Why `path` is not a run's own directory (None if it is one, or empty): the first entry no run
+    writes, or a run's file without the config.json every run writes first. Temporary files and a lock
+    are what an interrupted run leaves, and are its own."""
+    entries = [entry.name for entry in sorted(path.iterdir())] if path.is_dir() else []
+    runs_own = [name for name in entries if not name.startswith(LOCK_NAME)
+                and not (name.startswith(".") and name.endswith(".tmp"))]
+    foreign = next((name for name in runs_own if name not in RUN_NAMES), None)
+    if foreign is not None:
+        return f"holds {foreign!r}, which no vgg_dist run writes"
+    if runs_own and CONFIG_NAME not in runs_own:
+        return f"holds {runs_own[0]!r} but no {CONFIG_NAME}, which every run writes first"
     return None
 
 
@@ -84,6 +89,16 @@ def _path_for_checkpoint(config: TrainConfig) -> Path:
     return path
 
 
+def _refuse_inside_checkpoints(path: Path) -> None:
+    run = _inside_checkpoints(path)
+    if run is not None:
+        raise UsageError(f"--output-dir {path} is inside the checkpoints of run {run}; a run directory never is")
+    resolved = path.resolve()
+    for directory in [resolved, *resolved.parents]:
+        if (directory / checkpoint.MANIFEST).is_file():
+            raise UsageError(f"--output-dir {path} is inside the checkpoint {directory}; a run directory never is")
+
+
 def choose_path(config: TrainConfig) -> Path:
     """Where this run writes, refusing any directory that holds something else than its own run."""
     if config.resume not in (None, "auto"):
@@ -95,16 +110,15 @@ def choose_path(config: TrainConfig) -> Path:
             path, suffix = RUNS_ROOT / f"{stamp}-{suffix}", suffix + 1
     else:
         path = Path(config.output_dir)
+        _refuse_inside_checkpoints(path)
         if config.resume is None and _holds_files(path):
             raise UsageError(f"--output-dir {path} already exists and is not empty; choose a new directory so no "
                              f"earlier run is overwritten, or pass --resume auto to continue it")
-        foreign = _foreign_entry(path)
-        if foreign is not None:
-            raise UsageError(f"--output-dir {path} holds {foreign!r}, which no vgg_dist run writes; --resume auto "
-                             f"continues only a run's own directory, so choose a new one")
-    run = _inside_checkpoints(path)
-    if run is not None:
-        raise UsageError(f"--output-dir {path} is inside the checkpoints of run {run}; a run directory never is")
+        reason = _not_a_run(path)
+        if reason is not None:
+            raise UsageError(f"--output-dir {path} {reason}; --resume auto continues only a run's own directory, "
+                             f"so choose a new one")
+    _refuse_inside_checkpoints(path)
     if (path / CHECKPOINTS_DIR).exists() and not (path / CHECKPOINTS_DIR).is_dir():
         raise UsageError(f"--output-dir {path}: {path / CHECKPOINTS_DIR} is a file; checkpoints need that name")
     return path

@@ -62,7 +62,7 @@ def read_run_info(run_dir: Path) -> RunInfo:
     path = Path(run_dir) / CONFIG_NAME
     values = read_json(path)
     try:
-        info = from_dict(RunInfo, values, CONFIG_NAME)
+        info = from_dict(RunInfo, values)  # the message starts with the file's path already
         info.model.check()
     except (FieldError, UsageError) as error:
         raise FileError(f"{path}: {error}") from None

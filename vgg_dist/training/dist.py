@@ -21,7 +21,7 @@ from accelerate.utils import (AutocastKwargs, DDPCommunicationHookType, Distribu
 from vgg_dist.data.batches import BatchIndexedTensors, keep_batch, to_model_input
 from vgg_dist.data.sources import Split
 from vgg_dist.errors import UsageError
-from vgg_dist.model import log_probabilities
+from vgg_dist.model import ModelSpec, log_probabilities
 
 TRACKERS = {"none": None, "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
 NO_STEP = 2 ** 62  # "no step yet" in step-number collectives, where the minimum over processes is taken
@@ -101,7 +101,7 @@ def make_loader(split: Split, batch_sampler, device: torch.device) -> torch.util
                                        generator=torch.Generator())
 
 
-def evaluate(accelerator: Accelerator, model, loader, image_size: int, num_classes: int, channels_last: bool,
+def evaluate(accelerator: Accelerator, model, loader, spec: ModelSpec, channels_last: bool = False,
              tta: bool = False) -> tuple[list[list[int]], float]:
     """(confusion matrix [true][predicted], mean cross-entropy) over every image the loader holds (the
     test or the validation set), on every process.
@@ -110,13 +110,14 @@ def evaluate(accelerator: Accelerator, model, loader, image_size: int, num_class
     image counts exactly once whatever the number of processes. With `tta` the prediction is the mean
     of the class probabilities for the image and for its mirror image.
     """
+    num_classes = spec.num_classes
     model.eval()
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=accelerator.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     # The model may be one Accelerate did not prepare (an EMA copy): give it the run's autocast too.
     with torch.no_grad(), accelerator.autocast():
         for images, labels in loader:
-            scores = log_probabilities(model, to_model_input(images, image_size, channels_last), tta)
+            scores = log_probabilities(model, to_model_input(images, spec.image_size, channels_last), tta)
             losses = F.nll_loss(scores, labels, reduction="none")
             predictions = scores.argmax(dim=1)
             predictions, labels, losses = accelerator.gather_for_metrics((predictions, labels, losses))

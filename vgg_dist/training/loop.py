@@ -227,8 +227,7 @@ def evaluate_epoch(state: TrainState, run: Run, sums: EpochSums, seconds: float,
     """The epoch's record, with a fresh evaluation of every evaluation split."""
     accelerator, config, progress = state.accelerator, run.config, state.progress
     started = time.perf_counter()
-    evaluations = {name: evaluate(accelerator, run.eval_model, loader, run.spec.image_size, run.spec.num_classes,
-                                  config.channels_last, tta=config.tta)
+    evaluations = {name: evaluate(accelerator, run.eval_model, loader, run.spec, config.channels_last, config.tta)
                    for name, loader in run.eval_loaders.items()}
     scores = {f"{name}_{key}": value for name, (matrix, loss) in evaluations.items()
               for key, value in (("loss", loss), ("acc", accuracy(matrix)), ("samples", sample_count(matrix)))}

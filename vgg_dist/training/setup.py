@@ -4,6 +4,7 @@ augmenter, and torch.compile with its cache; each refusing, before any work, wha
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -113,6 +114,26 @@ def compile_cache_dir() -> Path:
                          f"set {COMPILE_CACHE_VARIABLE} (or XDG_CACHE_HOME) to a writable directory, or pass "
                          f"--no-compile") from None
     return path
+
+
+def settle_compile_cache(config: TrainConfig, device: torch.device) -> None:
+    """Before anything imports the compiler (building an optimizer does): a compiled run checks its cache
+    directory and refuses an unusable one in one line; an eager run, which never compiles, moves an
+    unusable $TORCHINDUCTOR_CACHE_DIR aside to a private temporary one, since the compiler creates it
+    on import all the same."""
+    if compiles(config, device):
+        compile_cache_dir()
+        return
+    given = os.environ.get(COMPILE_CACHE_VARIABLE)
+    if given is None:
+        return
+    try:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        usable = os.access(given, os.W_OK | os.X_OK)
+    except OSError:
+        usable = False
+    if not usable:
+        os.environ[COMPILE_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="vgg_dist-inductor-")
 
 
 def maybe_compile(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.nn.Module:
