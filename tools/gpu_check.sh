@@ -1,8 +1,8 @@
 #!/bin/bash
-# bash launch/gpu_check.sh OUT_DIR
-# Every single-GPU measurement the speed and recipe issues ask for, on a lent H100/H200, in sections.
-# Real Fashion-MNIST must be in data/fashion_mnist (python3 ../shared/data/fashion_mnist.py data/fashion_mnist
-# here, then carry "data/fashion_mnist" to the device). Sections, in order of priority (SECTIONS picks):
+# bash tools/gpu_check.sh OUT_DIR
+# Every single-GPU measurement that docs/performance.md and docs/recipes.md list as not yet measured, on
+# one H100 or H200, in sections. Real Fashion-MNIST must be in data/fashion_mnist (Zalando's four IDX
+# files; DATA_DIR names another directory). Sections, in order of priority (SECTIONS picks):
 #   bench     the benchmark at 224, bf16: eager, eager + CUDA graphs, compiled, compiled + fused pool,
 #             compiled + fused pool + CUDA graphs, reduce-overhead; fp32 compiled beside the chapter's
 #             own loop; one torch.profiler table of the compiled step
@@ -13,11 +13,12 @@
 #   best      --recipe best, bf16, seed 0, with --cuda-graphs --no-compile; then the same with random
 #             erasing and the weight EMA, which were neutral at a quarter of the width
 # Estimates, not measurements (compilation dominates): bench 5-6 minutes, chapter 3-4, fast 2-3, best 3-4
-# on an H200. A call may run 10 minutes and a session has 15 of device time in all: run SECTIONS=bench
-# first, then SECTIONS="chapter fast". Logs, JSON and metrics land in OUT_DIR; weights stay in a scratch
-# directory. SMOKE=1 runs every step at toy sizes on any machine, to check the script itself (on a CPU
-# the --cuda-graphs steps stop at once with their one-line error, which the log keeps). Afterwards
-# `python3 launch/summarize_gpu_check.py OUT_DIR` prints every figure as markdown tables.
+# on an H200. By these, SECTIONS=bench, SECTIONS="chapter fast" and SECTIONS=best each run in under 10
+# minutes: where a job's run time is limited, run them one at a time in that order. Logs, JSON and
+# metrics land in OUT_DIR; weights stay in a scratch directory. SMOKE=1 runs every step at toy sizes on
+# any machine, to check the script itself (on a CPU the --cuda-graphs steps stop at once with their
+# one-line error, which the log keeps). Afterwards
+# `python3 tools/summarize_gpu_check.py OUT_DIR` prints every figure as markdown tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu_check}}"
@@ -26,7 +27,7 @@ scratch="$(mktemp -d)"
 export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR="$scratch/bench_cache"  # each section starts cold, so its first run shows
                                                        # what compiling costs
-py="${PYTHON:-python3}"  # the lent GPU machines' python3 is the one that holds PyTorch
+py="${PYTHON:-python3}"  # or PYTHON, if another interpreter holds PyTorch
 sections="${SECTIONS:-bench chapter fast best}"
 data="${DATA_DIR:-data/fashion_mnist}"
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -54,7 +55,7 @@ bench() {  # name, precision, flags
     --json "$out/bench_$name.json" "$@" > "$out/bench_$name.log" 2>&1 || echo "bench $name failed ($?)" >> "$out/steps.log"
 }
 
-train() {  # name, then flags; bf16 like the issue's baseline
+train() {  # name, then flags; bf16 like the H200 baseline in docs/performance.md
   local name=$1; shift
   step "train $name"
   mkdir -p "$out/$name"

@@ -1,6 +1,6 @@
-"""Markdown tables of what `launch/gpu_check.sh OUT` measured, for BENCHMARKS.md and the README.
+"""Markdown tables of what `tools/gpu_check.sh OUT` measured, for docs/performance.md and docs/recipes.md.
 
-    python3 launch/summarize_gpu_check.py OUT
+    python3 tools/summarize_gpu_check.py OUT
 
 Every figure comes from a file the check wrote (bench_*.json, */metrics.jsonl, */wall_seconds.txt,
 environment.txt); a run that failed or never ran shows as such, never as a number.
@@ -102,7 +102,7 @@ def last_line(path: Path) -> str:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print("usage: python3 launch/summarize_gpu_check.py OUT (the directory gpu_check.sh wrote)", file=sys.stderr)
+        print("usage: python3 tools/summarize_gpu_check.py OUT (the directory gpu_check.sh wrote)", file=sys.stderr)
         return 2
     out = Path(argv[0])
     environment = out / "environment.txt"
