@@ -133,7 +133,13 @@ def _predict_json(run_dir, *args, capsys):
 
 
 def test_a_dark_on_white_photo_is_inverted_and_says_so(two_process_run, tmp_path, capsys):
-    run_dir, _ = two_process_run
+    # The tests' synthetic images are mid-grey throughout; this run's copy says its training images had a
+    # black background, as Fashion-MNIST's do (12.8 is what a real Fashion-MNIST run records).
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(two_process_run[0] / "model.safetensors", run_dir)
+    config = json.loads((two_process_run[0] / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "background": 12.8}))
     photo = _garment_photo(tmp_path / "photo.png", light_background=True)
     drawn = _garment_photo(tmp_path / "drawn.png", light_background=False)
     (automatic,), note = _predict_json(run_dir, photo, capsys=capsys)

@@ -102,6 +102,13 @@ def test_one_and_two_processes_take_the_same_steps(two_process_run, tiny_data, t
     metrics_one, metrics_two = read_metrics(one)[0], read_metrics(two_process_run)[0]
     assert metrics_one["train_samples"] == metrics_two["train_samples"] == 64  # two steps of 32 each
     assert metrics_two["train_loss"] == pytest.approx(metrics_one["train_loss"], rel=1e-5)
+    # The running curve is the global batch's too, not rank 0's rows: the same points as one process draws.
+    curve_one, curve_two = ([json.loads(line) for line in (run / "train_curve.jsonl").read_text().splitlines()]
+                            for run in (one, two_process_run))
+    assert curve_one and [p["global_step"] for p in curve_two] == [p["global_step"] for p in curve_one]
+    for mine, theirs in zip(curve_two, curve_one):
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
+        assert mine["train_acc"] == pytest.approx(theirs["train_acc"], abs=1e-9)
 
 
 @pytest.mark.parametrize("flags, processes, kind", [
