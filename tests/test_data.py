@@ -290,3 +290,19 @@ def test_fewer_class_names_than_labels_is_refused(tmp_path):
     write_dataset(tmp_path, train=40, test=5)
     with pytest.raises(UsageError, match="is not below the 3 classes"):
         load_dataset("fashion_mnist", tmp_path, ("a", "b", "c"))
+
+
+def test_a_run_records_its_class_names_and_where_they_came_from(tmp_path, tiny_data):
+    from conftest import TINY_MODEL, train_here
+    quick = [*TINY_MODEL, "--epochs", "1", "--batch-size", "32", "--max-train-samples", "64",
+             "--max-eval-samples", "32"]
+    names = tmp_path / "digits.txt"
+    names.write_text("\n".join(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]))
+    runs = {"file": ["--class-names", str(names)], "mnist": ["--dataset", "mnist"], "default": []}
+    recorded = {}
+    for name, flags in runs.items():
+        run_dir, _, _ = train_here(tmp_path, tiny_data, *quick, *flags, name=name)
+        config = json.loads((run_dir / "config.json").read_text())
+        recorded[name] = (config["class_names"][:2], config["class_names_from"])
+    assert recorded == {"file": (["zero", "one"], str(names)), "mnist": (["0", "1"], "mnist"),
+                        "default": (["T-shirt/top", "Trouser"], "fashion_mnist")}
