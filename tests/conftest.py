@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from vgg_dist.synthetic import write_dataset
+from vgg_dist.data.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = str(REPO / "vgg_dist" / "train.py")
