@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from vgg_dist.config import TrainConfig, parse_config
 from vgg_dist.data.batches import EpochBatchSampler
 from vgg_dist.data.sources import ImageData, Split, border_mean, load_dataset, read_class_names
-from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
+from vgg_dist.errors import Preempted, UsageError, exit_process, exits_cleanly_on_stop
 from vgg_dist.model import ModelSpec, count_parameters
 from vgg_dist.store.checkpoint import RunIdentity
 from vgg_dist.store.run_dir import Store
@@ -35,7 +35,7 @@ from vgg_dist.training.dist import (check_layout, device_label, finish, gather_l
                                     node_count, say, unwrapped_state_dict, weights_agree)
 from vgg_dist.training.loop import Result, Run, fit
 from vgg_dist.training.optim import ModelEMA
-from vgg_dist.training.preemption import StopRequest
+from vgg_dist.training.preemption import StopRequest, requeue_slurm_job
 from vgg_dist.training.setup import (build_model_and_optimizer, check_cuda_graphs, compile_cache_dir, compiles,
                                      make_augmenter, make_schedule, maybe_compile,
                                      settle_compile_cache)
@@ -51,20 +51,28 @@ def main(argv: list[str] | None = None) -> int:
     check_cuda_graphs(accelerator, config)
     settle_compile_cache(config, accelerator.device)
     layout = gather_layout(accelerator)
-    with Store.open(accelerator, config) as store:
-        data, splits = load_splits(accelerator, config)
-        spec = config.model_spec(in_channels=data.in_channels, num_classes=len(data.class_names))
-        state, run = build_training(accelerator, config, spec, splits)
-        run.spec, run.store, run.stop = spec, store, stop
-        info = describe_run(accelerator, config, spec, (data, splits), layout)
-        identity = RunIdentity(spec=spec, config=config, schedule=run.schedule,
-                               steps_per_epoch=run.train_sampler.full_length())
-        state = store.restore_or_start(state, identity, info)
-        start_trackers(accelerator, config, store.run_dir)
-        say(accelerator, run_header(accelerator, config, spec, state.model, store.run_dir, layout))
-        result = fit(state, run)
-        save_results(state, run, result, info)
-        finish(accelerator)
+    try:
+        with Store.open(accelerator, config) as store:
+            data, splits = load_splits(accelerator, config)
+            spec = config.model_spec(in_channels=data.in_channels, num_classes=len(data.class_names))
+            state, run = build_training(accelerator, config, spec, splits)
+            run.spec, run.store, run.stop = spec, store, stop
+            info = describe_run(accelerator, config, spec, (data, splits), layout)
+            identity = RunIdentity(spec=spec, config=config, schedule=run.schedule,
+                                   steps_per_epoch=run.train_sampler.full_length())
+            state = store.restore_or_start(state, identity, info)
+            start_trackers(accelerator, config, store.run_dir)
+            say(accelerator, run_header(accelerator, config, spec, state.model, store.run_dir, layout))
+            result = fit(state, run)
+            save_results(state, run, result, info)
+            finish(accelerator)
+    except Preempted:
+        # Only now, with the checkpoint committed and the run directory's lock released: SLURM ends the
+        # job as soon as it requeues it (srun SIGKILLs the step), and a lock left behind would hold the
+        # requeued job off for minutes when its rank 0 lands on another node.
+        if config.requeue and accelerator.is_main_process:
+            say(accelerator, requeue_slurm_job())
+        raise
     return 0
 
 

@@ -222,7 +222,10 @@ class Store:
         """Continue `state` from the checkpoint --resume names (every check first, on every process), or
         start it fresh; then bring the run's files in line and describe the run in config.json."""
         self.identity = identity
-        path = self._checkpoint_to_resume(identity.config)
+        # Decided once, by the main process, for all: another rank that looked for itself could find the
+        # config.json the main process has just written for a fresh run and refuse it as a run without
+        # a checkpoint (every rank shares the directory, on several nodes too).
+        path = on_main(self.accelerator, lambda: self._checkpoint_to_resume(identity.config))
         if path is None:
             state.seed_fresh_streams()
         else:

@@ -26,7 +26,7 @@ from vgg_dist.report import CurvePoint, EpochRecord, accuracy, sample_count
 from vgg_dist.training.cuda_graph import GraphedUpdate
 from vgg_dist.training.dist import NO_STEP, Agreement, agree, evaluate, say
 from vgg_dist.training.optim import LRSchedule, set_learning_rate
-from vgg_dist.training.preemption import StopRequest, requeue_slurm_job
+from vgg_dist.training.preemption import StopRequest
 from vgg_dist.training.state import EpochSums, TrainState
 
 if TYPE_CHECKING:
@@ -166,8 +166,6 @@ def sync_point(state: TrainState, run: Run, watch: NonFiniteWatch, checkpoint_du
         path = run.store.save(state)
     if agreement.stop:
         say(accelerator, f"stop signal received: checkpoint {path} written")
-        if run.config.requeue and accelerator.is_main_process:
-            say(accelerator, requeue_slurm_job())
         raise Preempted(f"by {run.stop.signal_name or 'a signal on another process'} at step {progress.global_step}; "
                         f"checkpoint {path}; rerun with --resume auto to continue")
     return agreement
