@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
@@ -121,85 +120,6 @@ def test_a_killed_rank_ends_the_whole_job_within_the_dist_timeout(tmp_path, tiny
     assert all(process.returncode not in (0, None) for process in processes)
     assert elapsed < dist_timeout + 30, elapsed
     assert "rank      : 1" in outputs[1][1] and "SIGKILL" in outputs[1][1]  # the launcher names the dead rank
-
-
-def _stub(directory: Path, name: str, body: str) -> None:
-    path = directory / name
-    path.write_text("#!/bin/bash\n" + body)
-    path.chmod(0o755)
-
-
-def fake_slurm(tmp_path: Path) -> tuple[dict, Path, Path]:
-    """Stub srun/scontrol/sbatch on PATH, a submit directory, and the environment SLURM would give the
-    batch script; returns (env, submit_dir, calls_log)."""
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    calls = tmp_path / "calls"
-    # srun: start the step's command once per node, as SLURM would, each with its own node id, and
-    # forward SIGTERM to them as the real srun does.
-    _stub(stubs, "srun", f"""
-echo "srun $*" >> {calls}
-while [[ "$1" == --* ]]; do shift; done
-pids=()
-trap 'kill -TERM "${{pids[@]}}" 2>/dev/null' TERM
-for ((node = 0; node < SLURM_NNODES; node++)); do
-  SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 "$@" &
-  pids+=($!)
-done
-status=0
-for pid in "${{pids[@]}}"; do
-  while kill -0 "$pid" 2>/dev/null; do wait "$pid"; code=$?; done
-  wait "$pid"; code=$?
-  [ "$code" -ne 0 ] && status=$code
-done
-exit $status
-""")
-    _stub(stubs, "scontrol",
-          f'echo "scontrol $*" >> {calls}\nif [ "$1 $2" = "show hostnames" ]; then echo 127.0.0.1; fi\n')
-    _stub(stubs, "sbatch", f'echo "sbatch $*" >> {calls}\n')
-    submit_dir = tmp_path / "submit"
-    submit_dir.mkdir()
-    (submit_dir / "vgg_dist").symlink_to(REPO / "vgg_dist")
-    env = loopback_env(PATH=f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}", SLURM_JOB_ID="777",
-                       SLURM_NNODES="2", SLURM_JOB_NODELIST="node[1-2]", SLURM_SUBMIT_DIR=str(submit_dir),
-                       GPUS_PER_NODE="1", MIXED_PRECISION="no", MAIN_PROCESS_PORT=str(free_port()),
-                       RUN_DIR=str(tmp_path / "run"))
-    return env, submit_dir, calls
-
-
-SBATCH = str(LAUNCH / "slurm" / "train.sbatch")
-
-
-def test_sbatch_forms_one_world_and_turns_the_time_limit_signal_into_a_checkpoint_and_one_requeue(tmp_path,
-                                                                                                   tiny_data):
-    env, submit_dir, calls = fake_slurm(tmp_path)
-    run_dir = tmp_path / "run"
-    script = subprocess.Popen(["bash", SBATCH, "--data-dir", str(tiny_data), *TINY_MODEL, "--epochs", "500",
-                               "--batch-size", "8", "--sync-every", "1"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=submit_dir, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / "metrics.jsonl").exists():
-            assert time.monotonic() < deadline and script.poll() is None, "never trained"
-            time.sleep(0.05)
-        script.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@90` delivers to the batch script
-        stdout, stderr = script.communicate(timeout=90)
-    finally:
-        finish_all([script], timeout=1)
-    # torchrun's agents exit non-zero after forwarding SIGTERM; what matters is what the workers did.
-    assert script.returncode != 0
-    assert "world size 2 = 2 nodes x 1 process per node" in stdout and "ranks 0:node0/cpu, 1:node1/cpu" in stdout
-    config = json.loads((run_dir / "config.json").read_text())
-    assert [entry["node"] for entry in config["launch"]["ranks"]] == [0, 1]
-    assert "scontrol show hostnames node[1-2]" in calls.read_text()
-    assert "time limit near" in stdout and "stop signal received: checkpoint" in stdout, stdout + stderr
-    assert "requeued SLURM job 777" in stdout
-    requeues = [line for line in calls.read_text().splitlines() if line.startswith("scontrol requeue")]
-    assert requeues == ["scontrol requeue 777"]
-    from vgg_dist.store import checkpoint
-    newest = checkpoint.list_checkpoints(run_dir / "checkpoints")[-1]
-    checkpoint.verify(newest)
-    assert f"checkpoint {newest}" in stdout  # the one written on the way out is complete
 
 
 def test_gpu_check_summary_computes_each_figure_from_the_files_and_marks_failures(tmp_path):
