@@ -111,8 +111,15 @@ def _write_lock(run_dir, holder, age_seconds=0.0):
     ("{half-written", 1, False),
     ("same machine, dead process", 0, True),
     ("same machine, live process", 0, False),
+    # A requeued SLURM job whose rank 0 starts on another node than before: its own earlier start's lock,
+    # however fresh, is taken at once; another job's fresh lock, or a later start's, is not.
+    ({"host": "another-node", "pid": 1, "token": "x", "slurm_job": "42", "slurm_restart": 0}, 10, True),
+    ({"host": "another-node", "pid": 1, "token": "x", "slurm_job": "41", "slurm_restart": 0}, 10, False),
+    ({"host": "another-node", "pid": 1, "token": "x", "slurm_job": "42", "slurm_restart": 1}, 10, False),
 ])
-def test_who_holds_a_lock(tmp_path, holder, age, taken_over):
+def test_who_holds_a_lock(tmp_path, monkeypatch, holder, age, taken_over):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     mine = RunLock(tmp_path)
     if holder == "same machine, dead process":
         finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

@@ -4,10 +4,13 @@ The lock is `RUN_DIR/.vgg_dist.lock`, created with O_CREAT|O_EXCL (atomic on loc
 NFS v3+, Lustre and GPFS), holding who took it. The holder touches it every HEARTBEAT_SECONDS. A lock
 is abandoned, and taken over, when
   - its holder ran on this machine (same host and boot) and that process is gone, or
+  - its holder was an earlier start of this same SLURM job (same SLURM_JOB_ID, a lower
+    SLURM_RESTART_COUNT): SLURM ends every process of a job before it starts the job again, so a
+    requeued job whose rank 0 lands on another node takes its own old lock at once, or
   - its holder ran elsewhere and the heartbeat stopped STALE_AFTER_SECONDS ago (a process on another
     node cannot be asked whether it is alive; a clock skew beyond that between nodes defeats this).
-A lock left by a killed run therefore blocks a run on the same machine not at all, and on another
-node for at most STALE_AFTER_SECONDS.
+A lock left by a killed run therefore blocks a run on the same machine, or the same job requeued, not
+at all, and another run on another node for at most STALE_AFTER_SECONDS.
 """
 
 from __future__ import annotations
@@ -44,12 +47,18 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _slurm_start() -> dict:
+    """Which start of which SLURM job this process belongs to, if any."""
+    job, restarts = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
+    return {"slurm_job": job, "slurm_restart": int(restarts)} if job and restarts.isdigit() else {}
+
+
 class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_NAME
         self.owner = {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
                       "process_start": _process_start(os.getpid()), "token": secrets.token_hex(8),
-                      "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                      "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_slurm_start()}
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -121,6 +130,10 @@ class RunLock:
         return holder if isinstance(holder, dict) else {}
 
     def _alive(self, holder: dict) -> bool:
+        mine = self.owner.get("slurm_job"), self.owner.get("slurm_restart")
+        theirs = holder.get("slurm_job"), holder.get("slurm_restart")
+        if mine[0] is not None and theirs[0] == mine[0] and isinstance(theirs[1], int) and theirs[1] < mine[1]:
+            return False  # an earlier start of this very job, which SLURM ended before starting this one
         same_machine = holder.get("host") == self.owner["host"] and holder.get("boot_id") == self.owner["boot_id"]
         if same_machine and isinstance(holder.get("pid"), int):
             return _process_start(holder["pid"]) == holder.get("process_start")
