@@ -26,8 +26,9 @@ TINY_MODEL = ["--image-size", "32", "--width-divisor", "16", "--hidden-size", "6
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: compiles with torch.compile (about a minute on 2 cores); "
-                                       "run with -m slow")
+    config.addinivalue_line("markers", "slow: torch.compile, and the longest multi-process runs (real 2-process "
+                                       "and 2-machine launches, signals, bitwise resume after SIGTERM); run with "
+                                       "-m slow, as CI does")
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ def test_bench_times_baseline_vgg_dist_and_loader(tmp_path):
     assert "aten::convolution" in profile and "Self CPU time total" in profile
 
 
+@pytest.mark.slow
 def test_bench_under_two_processes(tmp_path):
     out = tmp_path / "bench.json"
     result = run_bounded(launch_command(2, "-m", "vgg_dist.bench", *TINY_BENCH, "--json", str(out)), timeout=300)

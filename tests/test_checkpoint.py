@@ -83,6 +83,7 @@ def resume(run_dir, tiny_data, num_processes=2, extra=()):
     return result
 
 
+@pytest.mark.slow
 def test_epoch_boundary_resume_is_bitwise_identical(reference, tiny_data, tmp_path):
     run_dir = stopped_copy(reference, tmp_path / "run", last_step=STEPS_PER_EPOCH)
     state = saved_state(run_dir / "checkpoints" / "step_0000016")
@@ -170,6 +171,7 @@ def _signal_after_first_checkpoint(process, run_dir, rank, number):
             pass
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume_matches(reference, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     command = launch_command(2, TRAIN_SCRIPT, "--data-dir", str(tiny_data), "--output-dir", str(run_dir), *ARGS)
@@ -187,6 +189,7 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume_matches(ref
     assert_same_bits(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_sigusr1_under_slurm_checkpoints_and_requeues_once(tiny_data, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -264,6 +267,7 @@ def test_resuming_at_the_very_end_of_an_epoch_reports_no_speed_for_it(tiny_data,
     assert second["examples_per_sec"] > 0
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_all_ranks_and_is_never_checkpointed(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     command = launch_command(2, TRAIN_SCRIPT, "--data-dir", str(tiny_data), "--output-dir", str(run_dir), *MODEL,

@@ -61,6 +61,7 @@ def _train(graphed: bool, fused: bool) -> tuple[TrainState, dict]:
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach_sgd", "fused_sgd"])
+@pytest.mark.slow
 def test_a_graphed_step_trains_exactly_like_an_eager_one(fused):
     eager, _ = _train(graphed=False, fused=fused)
     graphed, recorded = _train(graphed=True, fused=fused)

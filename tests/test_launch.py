@@ -81,6 +81,7 @@ def finish_all(processes, timeout):
     return outputs
 
 
+@pytest.mark.slow
 def test_two_machines_on_loopback_train_one_model(tmp_path, tiny_data):
     port, run_dir = free_port(), tmp_path / "run"
     processes = start_all([machine_command(rank, port, run_dir, tiny_data, "--epochs", "2", "--batch-size", "8",
@@ -98,6 +99,7 @@ def test_two_machines_on_loopback_train_one_model(tmp_path, tiny_data):
     assert config["weights_identical_across_ranks"] is True
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_whole_job_within_the_dist_timeout(tmp_path, tiny_data):
     import psutil
     port, run_dir, dist_timeout = free_port(), tmp_path / "run", 20

@@ -143,6 +143,7 @@ def test_resume_on_fewer_processes_continues_the_same_run(two_process_run, tiny_
     assert resumed["train_samples"] == 64 and resumed["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_gradient_all_reduce_is_applied_and_stays_close(two_process_run, tiny_data, tmp_path):
     rounded, _ = train(tmp_path, tiny_data, *EQUIVALENCE, "--ddp-bf16-grads", num_processes=2, name="bf16_grads")
     exact_weights, rounded_weights = read_weights(two_process_run), read_weights(rounded)
@@ -151,6 +152,7 @@ def test_bf16_gradient_all_reduce_is_applied_and_stays_close(two_process_run, ti
         torch.testing.assert_close(rounded_weights[name], exact_weights[name], rtol=0.05, atol=2e-3, msg=name)
 
 
+@pytest.mark.slow
 def test_a_short_run_learns_and_moves_every_layer(tmp_path, learnable_data):
     run_dir, stdout, _ = train_here(tmp_path, learnable_data, "--image-size", "32", "--width-divisor", "8",
                                     "--hidden-size", "128", "--batch-norm", "--epochs", "3", "--batch-size", "32")
