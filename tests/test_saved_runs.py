@@ -199,3 +199,16 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(tiny_data
     for name in saved:
         assert load_file(run_dir / "checkpoints" / name / "model.safetensors")  # intact, complete
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))  # the partial save was taken back
+
+
+def test_a_disk_that_is_full_before_the_first_run_file_is_one_line_too(tiny_data, small_disk):
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * (free - 4096))  # one page left: the lock takes it, config.json finds none
+    run_dir = small_disk / "run"
+    command = [sys.executable, TRAIN_SCRIPT, "--data-dir", str(tiny_data), "--output-dir", str(run_dir), *ARGS]
+    result = subprocess.run(command, capture_output=True, text=True, env=quiet_env(), cwd=REPO, timeout=180)
+    assert result.returncode == EXIT_WRITE_FAILED, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"no space left on the device holding {run_dir}: writing " in result.stderr
+    assert not (run_dir / ".vgg_dist.lock").exists() and not list(run_dir.glob(".*.tmp"))

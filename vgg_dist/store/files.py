@@ -43,12 +43,13 @@ def no_space(error: BaseException) -> bool:
     return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in str(error)
 
 
-def write_failed(directory: Path, needed_bytes: int, what: str) -> WriteFailed:
+def write_failed(directory: Path, needed_bytes: int | None, what: str) -> WriteFailed:
     """The one line for a disk that filled while writing `what` into `directory`."""
     free = shutil.disk_usage(directory).free if directory.exists() else 0
-    return WriteFailed(f"no space left on the device holding {directory}: {what} needs about "
-                       f"{needed_bytes / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB are free; free some space "
-                       f"(or choose another --output-dir) and rerun with --resume auto; nothing saved was lost")
+    needs = f"{what} needs about {needed_bytes / 2**20:,.1f} MiB and" if needed_bytes else f"writing {what},"
+    return WriteFailed(f"no space left on the device holding {directory}: {needs} {free / 2**20:,.1f} MiB are "
+                       f"free; free some space (or choose another --output-dir) and rerun with --resume auto; "
+                       f"nothing saved was lost")
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
@@ -62,8 +63,10 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
         os.chmod(temporary, FILE_MODE)
         fsync_path(temporary)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        if no_space(error):
+            raise write_failed(path.parent, None, path.name) from None
         raise
     fsync_path(path.parent)
 
@@ -87,10 +90,15 @@ def write_json(path: Path, value) -> None:
 
 def append_jsonl(path: Path, record: dict) -> None:
     """One JSON record per line, on disk before this returns (a log that survives a crash)."""
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:  # a torn last line is what resume expects of a full disk, and drops
+        if no_space(error):
+            raise write_failed(path.parent, None, path.name) from None
+        raise
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
