@@ -68,6 +68,10 @@ class TrainConfig:
     epochs: int = _field(10, "optimisation", "passes over the training set")
     batch_size: int = _field(128, "optimisation", "GLOBAL batch size, split evenly across processes, so 1 and N "
                                                   "processes take the same optimizer steps")
+    grad_accum_steps: int = _field(1, "optimisation", "split each process's share of the global batch into K "
+                                                      "micro-batches and step once after all K (gradient "
+                                                      "accumulation); --batch-size must divide by processes x K; "
+                                                      "BatchNorm statistics are per micro-batch", metavar="K")
     lr: float = _field(0.05, "optimisation", "SGD learning rate (the peak of a schedule)")
     lr_schedule: str = _field("constant", "optimisation", "learning rate over the run, set every step; onecycle "
                                                           "falls linearly to 0 after the warm-up", choices=SCHEDULES)
@@ -272,8 +276,14 @@ def validate(config: TrainConfig) -> None:
 
 def _validate_numbers(config: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "image_size", "width_divisor", "hidden_size", "max_train_samples",
-                 "max_eval_samples", "sync_every", "dist_timeout"):
+                 "max_eval_samples", "sync_every", "dist_timeout", "grad_accum_steps"):
         check_positive(name, getattr(config, name))
+    if config.batch_size % config.grad_accum_steps:
+        raise UsageError(f"--batch-size {config.batch_size} does not split into --grad-accum-steps "
+                         f"{config.grad_accum_steps} micro-batches; use a multiple of {config.grad_accum_steps}")
+    if config.cuda_graphs and config.grad_accum_steps > 1:
+        raise UsageError("--cuda-graphs records one whole step and cannot record --grad-accum-steps above 1; "
+                         "leave one of them out")
     for name in ("checkpoint_every", "keep_last", "random_crop_padding"):
         if getattr(config, name) < 0:
             raise UsageError(f"{flag(name)} must be 0 or more, got {getattr(config, name)}")

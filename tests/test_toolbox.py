@@ -1,0 +1,118 @@
+"""Gradient accumulation: any processes x micro-batches of the same global batch take the same steps,
+resume exactly, and all-reduce once per optimizer step; bad values are refused in one line."""
+
+import json
+import textwrap
+import types
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_MODEL, launch_command, read_weights, run_bounded, train_here
+from test_checkpoint import assert_same_bits, stopped_copy
+from vgg_dist.config import parse_config
+from vgg_dist.errors import UsageError
+from vgg_dist.training.dist import check_layout
+
+# No BatchNorm (its statistics are per micro-batch) and no dropout (its masks are per process), so that
+# 1 x K=1, 1 x K=2, 2 x K=1 and 2 x K=2 take the same steps; augmentation on, so that each image must keep
+# its draw whichever micro-batch it lands in. 128 images in 8 steps of 16.
+SAME_STEPS = [*TINY_MODEL, "--dropout", "0", "--epochs", "1", "--max-train-samples", "128", "--max-eval-samples",
+              "16", "--batch-size", "16", "--momentum", "0.9", "--random-crop-padding", "2", "--hflip", "0.5",
+              "--random-erase", "0.5", "--clip-grad-norm", "5"]
+STEPS = 8
+
+# Counts DDP's all-reduces: a comm hook sees every gradient bucket that DDP reduces, and the last bucket of
+# a backward once per reduction; no_sync skips the hook altogether.
+COUNTING_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, {repo!r})
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    import vgg_dist.train as train
+
+    reductions = [0]
+
+    def counting(process_group, bucket):
+        reductions[0] += bool(bucket.is_last())
+        return allreduce_hook(process_group, bucket)
+
+    built = train.build_training
+
+    def build_and_hook(*args):
+        state, run = built(*args)
+        state.model.register_comm_hook(None, counting)
+        return state, run
+
+    train.build_training = build_and_hook
+    code = train.main(sys.argv[1:])
+    with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".json"), "w") as handle:
+        json.dump({{"reductions": reductions[0]}}, handle)
+    sys.exit(code)
+""")
+
+
+def counted_run(tmp_path, data_dir, name, *args):
+    """Two real processes, counting each one's all-reduces: (run directory, reductions per rank)."""
+    out = tmp_path / f"{name}-counts"
+    out.mkdir()
+    script = tmp_path / "counting_train.py"
+    script.write_text(COUNTING_SCRIPT.format(repo=str(REPO), out=str(out)))
+    run_dir = tmp_path / name
+    result = run_bounded(launch_command(2, str(script), "--data-dir", str(data_dir), "--output-dir", str(run_dir),
+                                        *args), timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "in 2 micro-batches" in result.stdout or "--grad-accum-steps" not in args
+    counts = [json.loads((out / f"rank{rank}.json").read_text())["reductions"] for rank in (0, 1)]
+    return run_dir, counts
+
+
+def assert_close_weights(run_dir, reference_dir):
+    ours, theirs = read_weights(run_dir), read_weights(reference_dir)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_processes_times_micro_batches_take_the_same_steps(tiny_data, tmp_path):
+    one, _, _ = train_here(tmp_path, tiny_data, *SAME_STEPS, name="1x1")
+    accumulated, stdout, _ = train_here(tmp_path, tiny_data, *SAME_STEPS, "--grad-accum-steps", "2", name="1x2")
+    assert "16 = 1 x 16 per process in 2 micro-batches" in stdout
+    two, two_counts = counted_run(tmp_path, tiny_data, "2x1", *SAME_STEPS)
+    both, both_counts = counted_run(tmp_path, tiny_data, "2x2", *SAME_STEPS, "--grad-accum-steps", "2")
+    for run_dir in (accumulated, two, both):
+        assert_close_weights(run_dir, one)
+    # One all-reduce per optimizer step on every rank, with or without accumulation.
+    assert two_counts == both_counts == [STEPS, STEPS]
+
+
+RESUMED = [*TINY_MODEL, "--epochs", "2", "--max-train-samples", "128", "--max-eval-samples", "16", "--batch-size",
+           "16", "--grad-accum-steps", "2", "--batch-norm", "--momentum", "0.9", "--hflip", "0.5",
+           "--random-crop-padding", "2", "--model-ema", "--checkpoint-every", "3", "--keep-last", "0"]
+
+
+def test_a_resume_with_accumulation_is_bitwise(tiny_data, tmp_path):
+    """Stopped after step 6 of 16 (mid-epoch, a window never split: checkpoints fall between steps)."""
+    reference, _, _ = train_here(tmp_path, tiny_data, *RESUMED, name="reference")
+    stopped_copy(reference, tmp_path / "resumed", last_step=6)
+    _, stdout, _ = train_here(tmp_path, tiny_data, *RESUMED, "--resume", "auto", name="resumed")
+    assert "step_0000006" in stdout
+    assert_same_bits(tmp_path / "resumed", reference)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grad-accum-steps", "0"], "--grad-accum-steps must be a positive integer, got 0"),
+    (["--batch-size", "16", "--grad-accum-steps", "3"], "--batch-size 16 does not split into --grad-accum-steps 3"),
+    (["--grad-accum-steps", "2", "--cuda-graphs"], "--cuda-graphs records one whole step and cannot record"),
+])
+def test_bad_accumulation_is_refused_in_one_line(args, message):
+    with pytest.raises(UsageError) as refused:
+        parse_config([*TINY_MODEL, *args], prog="test", description="test")
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_batch_that_does_not_split_over_processes_times_micro_batches_is_refused():
+    two_processes = types.SimpleNamespace(num_processes=2)
+    check_layout(two_processes, 16, 4)  # 2 x 4 micro-batches of 2
+    with pytest.raises(UsageError, match=r"^--batch-size 12 does not split over 2 processes x --grad-accum-steps 4 "
+                                         r"micro-batches; use a multiple of 8$"):
+        check_layout(two_processes, 12, 4)
