@@ -1,5 +1,6 @@
 """Gradient accumulation: any processes x micro-batches of the same global batch take the same steps,
-resume exactly, and all-reduce once per optimizer step; bad values are refused in one line."""
+resume exactly, and all-reduce once per optimizer step. AdamW: decoupled decay on weights only, an exact
+resume, and no resume with another optimizer. Bad values are refused in one line."""
 
 import json
 import textwrap
@@ -11,8 +12,10 @@ import torch
 from conftest import REPO, TINY_MODEL, launch_command, read_weights, run_bounded, train_here
 from test_checkpoint import assert_same_bits, stopped_copy
 from vgg_dist.config import parse_config
-from vgg_dist.errors import UsageError
+from vgg_dist.errors import EXIT_USAGE, UsageError
+from vgg_dist.model import build_model
 from vgg_dist.training.dist import check_layout
+from vgg_dist.training.setup import make_optimizer
 
 # No BatchNorm (its statistics are per micro-batch) and no dropout (its masks are per process), so that
 # 1 x K=1, 1 x K=2, 2 x K=1 and 2 x K=2 take the same steps; augmentation on, so that each image must keep
@@ -86,23 +89,57 @@ def test_processes_times_micro_batches_take_the_same_steps(tiny_data, tmp_path):
 
 
 RESUMED = [*TINY_MODEL, "--epochs", "2", "--max-train-samples", "128", "--max-eval-samples", "16", "--batch-size",
-           "16", "--grad-accum-steps", "2", "--batch-norm", "--momentum", "0.9", "--hflip", "0.5",
-           "--random-crop-padding", "2", "--model-ema", "--checkpoint-every", "3", "--keep-last", "0"]
+           "16", "--batch-norm", "--hflip", "0.5", "--random-crop-padding", "2", "--model-ema", "--checkpoint-every",
+           "3", "--keep-last", "0"]
+ACCUMULATING_SGD = ["--grad-accum-steps", "2", "--momentum", "0.9"]
+ADAMW = ["--optimizer", "adamw", "--lr", "0.002", "--beta1", "0.8", "--beta2", "0.99", "--weight-decay", "0.05"]
 
 
-def test_a_resume_with_accumulation_is_bitwise(tiny_data, tmp_path):
-    """Stopped after step 6 of 16 (mid-epoch, a window never split: checkpoints fall between steps)."""
-    reference, _, _ = train_here(tmp_path, tiny_data, *RESUMED, name="reference")
+@pytest.mark.parametrize("optimizer", [ACCUMULATING_SGD, ADAMW], ids=["sgd-accumulating", "adamw"])
+def test_a_resume_is_bitwise(tiny_data, tmp_path, optimizer):
+    """Stopped after step 6 of 16 (mid-epoch; with accumulation a window is never split: checkpoints fall
+    between optimizer steps). The optimizer's state (momentum, or AdamW's moments and step) is compared too."""
+    reference, _, _ = train_here(tmp_path, tiny_data, *RESUMED, *optimizer, name="reference")
     stopped_copy(reference, tmp_path / "resumed", last_step=6)
-    _, stdout, _ = train_here(tmp_path, tiny_data, *RESUMED, "--resume", "auto", name="resumed")
+    _, stdout, _ = train_here(tmp_path, tiny_data, *RESUMED, *optimizer, "--resume", "auto", name="resumed")
     assert "step_0000006" in stdout
     assert_same_bits(tmp_path / "resumed", reference)
+
+
+def test_a_resume_with_another_optimizer_is_refused(tiny_data, tmp_path):
+    """SGD without momentum saves no per-parameter state, so only the flag can tell the two apart."""
+    short_run = [*TINY_MODEL, "--epochs", "1", "--max-train-samples", "32", "--max-eval-samples", "16",
+                 "--batch-size", "16"]
+    train_here(tmp_path, tiny_data, *short_run, name="run")
+    _, _, stderr = train_here(tmp_path, tiny_data, *short_run, "--optimizer", "adamw", "--resume", "auto",
+                              name="run", expect=EXIT_USAGE)
+    assert stderr.count("\n") == 1 and "was trained with --optimizer 'sgd', not adamw" in stderr
+
+
+def test_adamw_decays_weights_decoupled_and_never_biases_or_batchnorm():
+    """With a zero gradient AdamW's moments stay 0, so a step is the decoupled decay alone:
+    weights x (1 - lr x decay); L2 decay through the gradient would instead move them by about lr."""
+    config = parse_config([*TINY_MODEL, "--batch-norm", "--optimizer", "adamw", "--lr", "0.01", "--beta1", "0.8",
+                           "--weight-decay", "0.1"], prog="test", description="test")
+    model = build_model(config.model_spec(1, 10))
+    optimizer = make_optimizer(model, config, fused=False)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.8, 0.999)
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    for name, parameter in model.named_parameters():
+        expected = before[name] * (1 - 0.01 * 0.1) if parameter.dim() > 1 else before[name]
+        torch.testing.assert_close(parameter.detach(), expected, rtol=0, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--grad-accum-steps", "0"], "--grad-accum-steps must be a positive integer, got 0"),
     (["--batch-size", "16", "--grad-accum-steps", "3"], "--batch-size 16 does not split into --grad-accum-steps 3"),
     (["--grad-accum-steps", "2", "--cuda-graphs"], "--cuda-graphs records one whole step and cannot record"),
+    (["--optimizer", "adam"], "--optimizer: invalid choice: 'adam'"),
+    (["--beta1", "1"], "--beta1 must be in [0, 1), got 1.0"),
+    (["--beta2", "-0.1"], "--beta2 must be in [0, 1), got -0.1"),
 ])
 def test_bad_accumulation_is_refused_in_one_line(args, message):
     with pytest.raises(UsageError) as refused:

@@ -19,7 +19,7 @@ from vgg_dist.data.sources import DATASETS
 from vgg_dist.errors import UsageError
 from vgg_dist.fields import FieldError, checked_fields, short
 from vgg_dist.model import ARCHITECTURES, ModelSpec
-from vgg_dist.training.optim import SCHEDULES
+from vgg_dist.training.optim import OPTIMIZERS, SCHEDULES
 
 TRAIN_CONFIG_NAME = "train_config.yaml"  # what every run writes: --config THIS_FILE reproduces its recipe
 MAX_SEED = 2 ** 32 - 1           # NumPy's seeds are 32-bit
@@ -72,14 +72,21 @@ class TrainConfig:
                                                       "micro-batches and step once after all K (gradient "
                                                       "accumulation); --batch-size must divide by processes x K; "
                                                       "BatchNorm statistics are per micro-batch", metavar="K")
-    lr: float = _field(0.05, "optimisation", "SGD learning rate (the peak of a schedule)")
+    optimizer: str = _field("sgd", "optimisation", "sgd (with --momentum, --nesterov) or adamw (with --beta1, "
+                                                   "--beta2; decoupled weight decay)", choices=OPTIMIZERS)
+    lr: float = _field(0.05, "optimisation", "learning rate (the peak of a schedule)")
     lr_schedule: str = _field("constant", "optimisation", "learning rate over the run, set every step; onecycle "
                                                           "falls linearly to 0 after the warm-up", choices=SCHEDULES)
     warmup_epochs: float = _field(0.0, "optimisation", "rise linearly from 0 to --lr over this many epochs first "
                                                        "(a recipe's warm-up shrinks and grows with --epochs)")
-    momentum: float = _field(0.0, "optimisation", "SGD momentum (the chapter uses none)")
-    nesterov: bool = _field(False, "optimisation", "Nesterov momentum (needs --momentum)")
-    weight_decay: float = _field(0.0, "optimisation", "L2 weight decay on weights; never on biases or BatchNorm")
+    momentum: float = _field(0.0, "optimisation", "SGD momentum (the chapter uses none); unused by adamw")
+    nesterov: bool = _field(False, "optimisation", "Nesterov momentum (needs --momentum); unused by adamw")
+    beta1: float = _field(0.9, "optimisation", "adamw's decay of the gradient's running mean; unused by sgd")
+    beta2: float = _field(0.999, "optimisation", "adamw's decay of the squared gradient's running mean; unused "
+                                                 "by sgd")
+    weight_decay: float = _field(0.0, "optimisation", "weight decay on weights, never on biases or BatchNorm: an "
+                                                      "L2 term with sgd, decoupled (weights x (1 - lr x decay) each "
+                                                      "step) with adamw")
     label_smoothing: float = _field(0.0, "optimisation", "cross-entropy label smoothing")
     clip_grad_norm: float | None = _field(None, "optimisation", "clip the gradients' global norm to this")
     seed: int = _field(0, "optimisation", "seed for weights, data order, augmentation and dropout")
@@ -293,7 +300,8 @@ def _validate_numbers(config: TrainConfig) -> None:
     if not 0 < config.lr <= MAX_LR:
         raise UsageError(f"--lr must be a positive number no larger than {MAX_LR:.3g} (float32's largest), "
                          f"got {config.lr}")
-    _check_range("momentum", config.momentum, 0, 1, high_open=True)
+    for name in ("momentum", "beta1", "beta2"):
+        _check_range(name, getattr(config, name), 0, 1, high_open=True)
     if config.nesterov and config.momentum == 0:
         raise UsageError("--nesterov needs a --momentum above 0 (e.g. --momentum 0.9)")
     for name, high_open in (("weight_decay", False), ("label_smoothing", True), ("val_split", True),
