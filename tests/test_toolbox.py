@@ -1,6 +1,8 @@
 """Gradient accumulation: any processes x micro-batches of the same global batch take the same steps,
 resume exactly, and all-reduce once per optimizer step. AdamW: decoupled decay on weights only, an exact
-resume, and no resume with another optimizer. Bad values are refused in one line."""
+resume, and no resume with another optimizer. MixUp/CutMix: partners from the global batch, the same on 1
+and 2 processes, soft targets that combine with label smoothing, an exact resume. Bad values are refused
+in one line."""
 
 import json
 import textwrap
@@ -11,7 +13,11 @@ import torch
 
 from conftest import REPO, TINY_MODEL, launch_command, read_weights, run_bounded, train_here
 from test_checkpoint import assert_same_bits, stopped_copy
+import torch.nn.functional as F
+
 from vgg_dist.config import parse_config
+from vgg_dist.data.augment import Augmentation, BatchAugmenter
+from vgg_dist.data.mix import CUTMIX, Mixing, mix_batch
 from vgg_dist.errors import EXIT_USAGE, UsageError
 from vgg_dist.model import build_model
 from vgg_dist.training.dist import check_layout
@@ -92,10 +98,11 @@ RESUMED = [*TINY_MODEL, "--epochs", "2", "--max-train-samples", "128", "--max-ev
            "16", "--batch-norm", "--hflip", "0.5", "--random-crop-padding", "2", "--model-ema", "--checkpoint-every",
            "3", "--keep-last", "0"]
 ACCUMULATING_SGD = ["--grad-accum-steps", "2", "--momentum", "0.9"]
+MIXING = ["--mixup", "0.4", "--cutmix", "1.0", "--mix-prob", "0.9", "--label-smoothing", "0.1", "--momentum", "0.9"]
 ADAMW = ["--optimizer", "adamw", "--lr", "0.002", "--beta1", "0.8", "--beta2", "0.99", "--weight-decay", "0.05"]
 
 
-@pytest.mark.parametrize("optimizer", [ACCUMULATING_SGD, ADAMW], ids=["sgd-accumulating", "adamw"])
+@pytest.mark.parametrize("optimizer", [ACCUMULATING_SGD, ADAMW, MIXING], ids=["sgd-accumulating", "adamw", "mixing"])
 def test_a_resume_is_bitwise(tiny_data, tmp_path, optimizer):
     """Stopped after step 6 of 16 (mid-epoch; with accumulation a window is never split: checkpoints fall
     between optimizer steps). The optimizer's state (momentum, or AdamW's moments and step) is compared too."""
@@ -140,6 +147,10 @@ def test_adamw_decays_weights_decoupled_and_never_biases_or_batchnorm():
     (["--optimizer", "adam"], "--optimizer: invalid choice: 'adam'"),
     (["--beta1", "1"], "--beta1 must be in [0, 1), got 1.0"),
     (["--beta2", "-0.1"], "--beta2 must be in [0, 1), got -0.1"),
+    (["--mixup", "-1"], "--mixup must be a Beta distribution's alpha, above 0 (or 0: off), got -1.0"),
+    (["--cutmix", "nan"], "--cutmix must be a Beta distribution's alpha, above 0 (or 0: off), got nan"),
+    (["--mix-prob", "1.5"], "--mix-prob must be in [0, 1], got 1.5"),
+    (["--mix-switch-prob", "-0.5"], "--mix-switch-prob must be in [0, 1], got -0.5"),
 ])
 def test_bad_accumulation_is_refused_in_one_line(args, message):
     with pytest.raises(UsageError) as refused:
@@ -153,3 +164,65 @@ def test_a_batch_that_does_not_split_over_processes_times_micro_batches_is_refus
     with pytest.raises(UsageError, match=r"^--batch-size 12 does not split over 2 processes x --grad-accum-steps 4 "
                                          r"micro-batches; use a multiple of 8$"):
         check_layout(two_processes, 12, 4)
+
+
+def test_mixing_takes_the_same_steps_on_one_and_two_processes_and_with_accumulation(tiny_data, tmp_path):
+    mixing = [*SAME_STEPS, "--mixup", "0.4", "--cutmix", "1.0", "--mix-prob", "0.9", "--label-smoothing", "0.1"]
+    one, _, _ = train_here(tmp_path, tiny_data, *mixing, name="1x1")
+    accumulated, _, _ = train_here(tmp_path, tiny_data, *mixing, "--grad-accum-steps", "2", name="1x2")
+    two, counts = counted_run(tmp_path, tiny_data, "2x1", *mixing)
+    for run_dir in (accumulated, two):
+        assert_close_weights(run_dir, one)
+    assert counts == [STEPS, STEPS]  # gathering the partners is not a gradient all-reduce
+    unmixed, _, _ = train_here(tmp_path, tiny_data, *SAME_STEPS, "--label-smoothing", "0.1", name="unmixed")
+    with pytest.raises(AssertionError):  # the mixing did happen
+        assert_close_weights(unmixed, one)
+
+
+def test_partners_come_from_the_global_batch_the_same_on_one_and_two_processes():
+    """Process p of 2 holds rows 4p..4p+3 of a global batch of 8 and gathers the others' augmented rows."""
+    augmentation = Augmentation(crop_padding=2, hflip=0.5, mix=Mixing(mixup=0.4, cutmix=1.0, prob=0.9))
+    data = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=data)
+    labels = torch.randint(0, 10, (8,), generator=data)
+    whole = BatchAugmenter(augmentation, torch.device("cpu"), 3, 0, 1, 8)
+    halves = [BatchAugmenter(augmentation, torch.device("cpu"), 3, rank, 2, 8) for rank in (0, 1)]
+    kinds = set()
+    for step in range(8):
+        draws = whole.draw(0, step)
+        expected = whole.mix(whole.apply(images, draws), labels, draws, 10, None)
+        kinds.add(float(draws["mix"][CUTMIX]))
+        half_draws = [half.draw(0, step) for half in halves]
+        augmented = [half.apply(images[4 * rank:4 * rank + 4], half_draws[rank]) for rank, half in enumerate(halves)]
+        gather = lambda rows: torch.cat(augmented) if rows.dim() == 4 else labels  # noqa: E731
+        mixed = [half.mix(augmented[rank], labels[4 * rank:4 * rank + 4], half_draws[rank], 10, gather)
+                 for rank, half in enumerate(halves)]
+        for index in range(3):  # images, soft targets, dominant labels
+            assert torch.equal(torch.cat([mixed[0][index], mixed[1][index]]), expected[index])
+        assert not torch.equal(draws["partner"], torch.arange(8))
+    assert kinds == {0.0, 1.0}  # both MixUp and CutMix steps were drawn
+
+
+def test_cutmix_targets_are_the_pasted_share_and_accuracy_counts_the_dominant_label():
+    """A box centred near the bottom edge is clipped: the targets follow the pixels actually pasted."""
+    images = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    images[1] = 255
+    labels = torch.tensor([3, 7])
+    draws = {"mix": torch.tensor([0.4, 1.0, 0.95, 0.5], dtype=torch.float64), "partner": torch.tensor([1, 0])}
+    mixed, targets, dominant = mix_batch(images, labels, draws, 10, None)
+    pasted = (mixed[0] == 255).float().mean()
+    assert 0 < pasted < 0.6  # clipped: less than 1 - 0.4
+    torch.testing.assert_close(targets[0, 7], pasted)
+    torch.testing.assert_close(targets[0].sum(), torch.tensor(1.0))
+    assert dominant.tolist() == [3, 7]  # each image is mostly itself
+
+
+def test_soft_targets_combine_with_label_smoothing_as_mixed_smoothed_losses():
+    """Cross-entropy on lam x one-hot(a) + (1 - lam) x one-hot(b) with smoothing s is lam x the smoothed loss
+    on a plus (1 - lam) x that on b: timm's mixup_target with smoothing, then soft-target cross-entropy."""
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(1))
+    first, second, lam = torch.tensor([0, 1, 2, 3]), torch.tensor([5, 1, 9, 0]), 0.3
+    targets = lam * F.one_hot(first, 10).float() + (1 - lam) * F.one_hot(second, 10).float()
+    expected = (lam * F.cross_entropy(logits, first, label_smoothing=0.1)
+                + (1 - lam) * F.cross_entropy(logits, second, label_smoothing=0.1))
+    torch.testing.assert_close(F.cross_entropy(logits, targets, label_smoothing=0.1), expected)

@@ -94,6 +94,16 @@ class TrainConfig:
                                                          "crop it back at random (on the device)")
     hflip: float = _field(0.0, "augmentation", "probability of a horizontal flip")
     random_erase: float = _field(0.0, "augmentation", "probability of erasing a random rectangle")
+    mixup: float = _field(0.0, "augmentation", "MixUp: blend each image with a partner from the global batch, "
+                                               "weight ~ Beta(ALPHA, ALPHA) per step, soft targets (0: off); "
+                                               "train accuracy then counts the dominant label (weighted >= 0.5) "
+                                               "and train loss is the mixed loss", metavar="ALPHA")
+    cutmix: float = _field(0.0, "augmentation", "CutMix: paste a box of a partner image, its area ~ Beta(ALPHA, "
+                                                "ALPHA) per step, soft targets (0: off); train accuracy as with "
+                                                "--mixup", metavar="ALPHA")
+    mix_prob: float = _field(1.0, "augmentation", "probability that a step is mixed (with --mixup or --cutmix)")
+    mix_switch_prob: float = _field(0.5, "augmentation", "with both --mixup and --cutmix, probability that a mixed "
+                                                         "step uses CutMix")
     model_ema: bool = _field(False, "evaluation", "keep an exponential moving average (EMA) of the weights; "
                                                   "evaluate and save it")
     model_ema_decay: float = _field(0.999, "evaluation", "decay of --model-ema per step")
@@ -304,8 +314,13 @@ def _validate_numbers(config: TrainConfig) -> None:
         _check_range(name, getattr(config, name), 0, 1, high_open=True)
     if config.nesterov and config.momentum == 0:
         raise UsageError("--nesterov needs a --momentum above 0 (e.g. --momentum 0.9)")
+    for name in ("mixup", "cutmix"):
+        if not (math.isfinite(getattr(config, name)) and getattr(config, name) >= 0):
+            raise UsageError(f"{flag(name)} must be a Beta distribution's alpha, above 0 (or 0: off), got "
+                             f"{getattr(config, name)}")
     for name, high_open in (("weight_decay", False), ("label_smoothing", True), ("val_split", True),
-                            ("hflip", False), ("random_erase", False), ("model_ema_decay", True)):
+                            ("hflip", False), ("random_erase", False), ("model_ema_decay", True),
+                            ("mix_prob", False), ("mix_switch_prob", False)):
         _check_range(name, getattr(config, name), 0, 1, high_open=high_open)
     if config.clip_grad_norm is not None and not (math.isfinite(config.clip_grad_norm) and config.clip_grad_norm > 0):
         raise UsageError(f"--clip-grad-norm must be a positive number, got {config.clip_grad_norm}")

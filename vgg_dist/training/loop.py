@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from vgg_dist.store.run_dir import Store
 
 CURVE_POINTS_PER_EPOCH = 5  # as many train points per epoch as the chapter's plot draws
-Update = Callable[[torch.Tensor, torch.Tensor, dict | None], tuple[torch.Tensor, torch.Tensor]]
+Update = Callable[[torch.Tensor, torch.Tensor, dict | None], tuple[torch.Tensor, ...]]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -124,24 +124,27 @@ def train_step(state: TrainState, run: Run, update: Update, images: torch.Tensor
     progress = state.progress
     set_learning_rate(state.optimizer, run.schedule(progress.global_step))
     draws = run.augment.draw(progress.epoch, progress.step_in_epoch) if run.augment is not None else None
-    loss, logits = update(images, labels, draws)
+    loss, logits, judged_by = update(images, labels, draws)
     progress.step_in_epoch += 1
     progress.global_step += 1
     if state.ema is not None:
         state.ema.update(progress.global_step)
-    state.sums.add(loss, logits, labels)
+    state.sums.add(loss, logits, judged_by)
     return loss
 
 
 def update(state: TrainState, run: Run, images: torch.Tensor, labels: torch.Tensor,
-           draws: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A step's device work, from a batch to new weights: augment, forward, loss, backward (per micro-batch
-    with --grad-accum-steps), clip, optimizer step; the loss and logits come back detached. Nothing here
-    waits for the host, so it can be recorded as a CUDA graph; the gradients are set to None before the
-    backward writes them."""
-    config = run.config
+           draws: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's device work, from a batch to new weights: augment and mix, forward, loss, backward (per
+    micro-batch with --grad-accum-steps), clip, optimizer step. Returns the loss, logits and the labels train
+    accuracy is judged by (under MixUp/CutMix the dominant ones), detached. Nothing here waits for the host,
+    so it can be recorded as a CUDA graph; the gradients are set to None before the backward writes them."""
+    config, judged_by = run.config, labels
     if draws is not None:  # the whole per-process batch at once: each image keeps its row of the draws
         images = run.augment.apply(images, draws)
+        if "mix" in draws:  # labels become soft targets; one process gathers nothing
+            gather = state.accelerator.gather if state.accelerator.num_processes > 1 else None
+            images, labels, judged_by = run.augment.mix(images, labels, draws, run.spec.num_classes, gather)
     state.optimizer.zero_grad(set_to_none=True)
     if config.grad_accum_steps == 1:
         loss, logits = forward_backward(state, config, images, labels, 1)
@@ -150,7 +153,7 @@ def update(state: TrainState, run: Run, images: torch.Tensor, labels: torch.Tens
     if config.clip_grad_norm is not None:
         state.accelerator.clip_grad_norm_(state.model.parameters(), config.clip_grad_norm)
     state.optimizer.step()
-    return loss, logits
+    return loss, logits, judged_by
 
 
 def forward_backward(state: TrainState, config: TrainConfig, images: torch.Tensor, labels: torch.Tensor,

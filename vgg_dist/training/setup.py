@@ -13,6 +13,7 @@ from accelerate.utils import set_seed
 
 from vgg_dist.config import TrainConfig
 from vgg_dist.data.augment import Augmentation, BatchAugmenter
+from vgg_dist.data.mix import Mixing
 from vgg_dist.errors import UsageError
 from vgg_dist.model import ModelSpec, build_model
 from vgg_dist.training import sync_batchnorm
@@ -68,7 +69,8 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> LRSchedule:
 
 
 def make_augmenter(accelerator: Accelerator, config: TrainConfig) -> BatchAugmenter | None:
-    augmentation = Augmentation(config.random_crop_padding, config.hflip, config.random_erase)
+    mixing = Mixing(config.mixup, config.cutmix, config.mix_prob, config.mix_switch_prob)
+    augmentation = Augmentation(config.random_crop_padding, config.hflip, config.random_erase, mixing)
     if not augmentation:
         return None
     return BatchAugmenter(augmentation, accelerator.device, config.seed, accelerator.process_index,
