@@ -5,6 +5,8 @@ and 2 processes, soft targets that combine with label smoothing, an exact resume
 in one line."""
 
 import json
+import os
+import signal
 import textwrap
 import types
 
@@ -18,8 +20,10 @@ import torch.nn.functional as F
 from vgg_dist.config import parse_config
 from vgg_dist.data.augment import Augmentation, BatchAugmenter
 from vgg_dist.data.mix import CUTMIX, Mixing, mix_batch
-from vgg_dist.errors import EXIT_USAGE, UsageError
+from vgg_dist.errors import EXIT_PREEMPTED, EXIT_USAGE, UsageError
 from vgg_dist.model import build_model
+from vgg_dist.store import checkpoint
+from vgg_dist.training import loop
 from vgg_dist.training.dist import check_layout
 from vgg_dist.training.setup import make_optimizer
 
@@ -111,6 +115,29 @@ def test_a_resume_is_bitwise(tiny_data, tmp_path, optimizer):
     _, stdout, _ = train_here(tmp_path, tiny_data, *RESUMED, *optimizer, "--resume", "auto", name="resumed")
     assert "step_0000006" in stdout
     assert_same_bits(tmp_path / "resumed", reference)
+
+
+def test_a_stop_signal_mid_window_checkpoints_at_the_window_end_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+    """SIGTERM arrives during the first micro-batch of step 4: the window is finished, step 4 checkpointed,
+    and the resumed run ends with the uninterrupted run's bits."""
+    args = [*RESUMED, *ACCUMULATING_SGD, "--sync-every", "1"]
+    reference, _, _ = train_here(tmp_path, tiny_data, *args, name="reference")
+    calls, real = [0], loop.forward_backward
+
+    def signalled_mid_window(*arguments):
+        calls[0] += 1
+        if calls[0] == 7:  # micro-batch 1 of 2 in step 4
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*arguments)
+
+    monkeypatch.setattr(loop, "forward_backward", signalled_mid_window)
+    run_dir, stdout, _ = train_here(tmp_path, tiny_data, *args, name="stopped", expect=EXIT_PREEMPTED)
+    assert calls[0] == 8  # the window's second micro-batch ran; no step after it
+    assert "step_0000004 written" in stdout
+    assert checkpoint.list_checkpoints(run_dir / "checkpoints")[-1].name == "step_0000004"
+    monkeypatch.setattr(loop, "forward_backward", real)
+    train_here(tmp_path, tiny_data, *args, "--resume", "auto", name="stopped")
+    assert_same_bits(run_dir, reference)
 
 
 def test_a_resume_with_another_optimizer_is_refused(tiny_data, tmp_path):
