@@ -19,7 +19,7 @@ from vgg_dist.data.sources import DATASETS
 from vgg_dist.errors import UsageError
 from vgg_dist.fields import FieldError, checked_fields, short
 from vgg_dist.model import ARCHITECTURES, ModelSpec
-from vgg_dist.training.optim import SCHEDULES
+from vgg_dist.training.optim import OPTIMIZERS, SCHEDULES
 
 TRAIN_CONFIG_NAME = "train_config.yaml"  # what every run writes: --config THIS_FILE reproduces its recipe
 MAX_SEED = 2 ** 32 - 1           # NumPy's seeds are 32-bit
@@ -68,14 +68,25 @@ class TrainConfig:
     epochs: int = _field(10, "optimisation", "passes over the training set")
     batch_size: int = _field(128, "optimisation", "GLOBAL batch size, split evenly across processes, so 1 and N "
                                                   "processes take the same optimizer steps")
-    lr: float = _field(0.05, "optimisation", "SGD learning rate (the peak of a schedule)")
+    grad_accum_steps: int = _field(1, "optimisation", "split each process's share of the global batch into K "
+                                                      "micro-batches and step once after all K (gradient "
+                                                      "accumulation); --batch-size must divide by processes x K; "
+                                                      "BatchNorm statistics are per micro-batch", metavar="K")
+    optimizer: str = _field("sgd", "optimisation", "sgd (with --momentum, --nesterov) or adamw (with --beta1, "
+                                                   "--beta2; decoupled weight decay)", choices=OPTIMIZERS)
+    lr: float = _field(0.05, "optimisation", "learning rate (the peak of a schedule)")
     lr_schedule: str = _field("constant", "optimisation", "learning rate over the run, set every step; onecycle "
                                                           "falls linearly to 0 after the warm-up", choices=SCHEDULES)
     warmup_epochs: float = _field(0.0, "optimisation", "rise linearly from 0 to --lr over this many epochs first "
                                                        "(a recipe's warm-up shrinks and grows with --epochs)")
-    momentum: float = _field(0.0, "optimisation", "SGD momentum (the chapter uses none)")
-    nesterov: bool = _field(False, "optimisation", "Nesterov momentum (needs --momentum)")
-    weight_decay: float = _field(0.0, "optimisation", "L2 weight decay on weights; never on biases or BatchNorm")
+    momentum: float = _field(0.0, "optimisation", "SGD momentum (the chapter uses none); unused by adamw")
+    nesterov: bool = _field(False, "optimisation", "Nesterov momentum (needs --momentum); unused by adamw")
+    beta1: float = _field(0.9, "optimisation", "adamw's decay of the gradient's running mean; unused by sgd")
+    beta2: float = _field(0.999, "optimisation", "adamw's decay of the squared gradient's running mean; unused "
+                                                 "by sgd")
+    weight_decay: float = _field(0.0, "optimisation", "weight decay on weights, never on biases or BatchNorm: an "
+                                                      "L2 term with sgd, decoupled (weights x (1 - lr x decay) each "
+                                                      "step) with adamw")
     label_smoothing: float = _field(0.0, "optimisation", "cross-entropy label smoothing")
     clip_grad_norm: float | None = _field(None, "optimisation", "clip the gradients' global norm to this")
     seed: int = _field(0, "optimisation", "seed for weights, data order, augmentation and dropout")
@@ -83,6 +94,16 @@ class TrainConfig:
                                                          "crop it back at random (on the device)")
     hflip: float = _field(0.0, "augmentation", "probability of a horizontal flip")
     random_erase: float = _field(0.0, "augmentation", "probability of erasing a random rectangle")
+    mixup: float = _field(0.0, "augmentation", "MixUp: blend each image with a partner from the global batch, "
+                                               "weight ~ Beta(ALPHA, ALPHA) per step, soft targets (0: off); "
+                                               "train accuracy then counts the dominant label (weighted >= 0.5) "
+                                               "and train loss is the mixed loss", metavar="ALPHA")
+    cutmix: float = _field(0.0, "augmentation", "CutMix: paste a box of a partner image, its area ~ Beta(ALPHA, "
+                                                "ALPHA) per step, soft targets (0: off); train accuracy as with "
+                                                "--mixup", metavar="ALPHA")
+    mix_prob: float = _field(1.0, "augmentation", "probability that a step is mixed (with --mixup or --cutmix)")
+    mix_switch_prob: float = _field(0.5, "augmentation", "with both --mixup and --cutmix, probability that a mixed "
+                                                         "step uses CutMix")
     model_ema: bool = _field(False, "evaluation", "keep an exponential moving average (EMA) of the weights; "
                                                   "evaluate and save it")
     model_ema_decay: float = _field(0.999, "evaluation", "decay of --model-ema per step")
@@ -272,8 +293,14 @@ def validate(config: TrainConfig) -> None:
 
 def _validate_numbers(config: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "image_size", "width_divisor", "hidden_size", "max_train_samples",
-                 "max_eval_samples", "sync_every", "dist_timeout"):
+                 "max_eval_samples", "sync_every", "dist_timeout", "grad_accum_steps"):
         check_positive(name, getattr(config, name))
+    if config.batch_size % config.grad_accum_steps:
+        raise UsageError(f"--batch-size {config.batch_size} does not split into --grad-accum-steps "
+                         f"{config.grad_accum_steps} micro-batches; use a multiple of {config.grad_accum_steps}")
+    if config.cuda_graphs and config.grad_accum_steps > 1:
+        raise UsageError("--cuda-graphs records one whole step and cannot record --grad-accum-steps above 1; "
+                         "leave one of them out")
     for name in ("checkpoint_every", "keep_last", "random_crop_padding"):
         if getattr(config, name) < 0:
             raise UsageError(f"{flag(name)} must be 0 or more, got {getattr(config, name)}")
@@ -283,11 +310,17 @@ def _validate_numbers(config: TrainConfig) -> None:
     if not 0 < config.lr <= MAX_LR:
         raise UsageError(f"--lr must be a positive number no larger than {MAX_LR:.3g} (float32's largest), "
                          f"got {config.lr}")
-    _check_range("momentum", config.momentum, 0, 1, high_open=True)
+    for name in ("momentum", "beta1", "beta2"):
+        _check_range(name, getattr(config, name), 0, 1, high_open=True)
     if config.nesterov and config.momentum == 0:
         raise UsageError("--nesterov needs a --momentum above 0 (e.g. --momentum 0.9)")
+    for name in ("mixup", "cutmix"):
+        if not (math.isfinite(getattr(config, name)) and getattr(config, name) >= 0):
+            raise UsageError(f"{flag(name)} must be a Beta distribution's alpha, above 0 (or 0: off), got "
+                             f"{getattr(config, name)}")
     for name, high_open in (("weight_decay", False), ("label_smoothing", True), ("val_split", True),
-                            ("hflip", False), ("random_erase", False), ("model_ema_decay", True)):
+                            ("hflip", False), ("random_erase", False), ("model_ema_decay", True),
+                            ("mix_prob", False), ("mix_switch_prob", False)):
         _check_range(name, getattr(config, name), 0, 1, high_open=high_open)
     if config.clip_grad_norm is not None and not (math.isfinite(config.clip_grad_norm) and config.clip_grad_norm > 0):
         raise UsageError(f"--clip-grad-norm must be a positive number, got {config.clip_grad_norm}")

@@ -46,8 +46,9 @@ from vgg_dist.training.state import TrainState
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv, prog="accelerate launch vgg_dist/train.py", description=__doc__.splitlines()[0])
     stop = StopRequest.installed()
-    accelerator = make_accelerator(config.dist_timeout, config.report_to, config.ddp_bf16_grads, config.cuda_graphs)
-    check_layout(accelerator, config.batch_size)
+    accelerator = make_accelerator(config.dist_timeout, config.report_to, config.ddp_bf16_grads, config.cuda_graphs,
+                                   config.grad_accum_steps)
+    check_layout(accelerator, config.batch_size, config.grad_accum_steps)
     check_cuda_graphs(accelerator, config)
     settle_compile_cache(config, accelerator.device)
     layout = gather_layout(accelerator)
@@ -172,9 +173,16 @@ def run_header(accelerator: Accelerator, config: TrainConfig, spec: ModelSpec, m
             f"  world size {processes} = {nodes} node{'s' if nodes > 1 else ''} x {processes // nodes} "
             f"process{'es' if processes // nodes > 1 else ''} per node, backend "
             f"{accelerator.state.backend or 'none'}, ranks {ranks}\n"
-            f"  global batch {config.batch_size} = {processes} x {config.batch_size // processes} per process, "
+            f"  global batch {config.batch_size} = {processes} x {config.batch_size // processes} per process"
+            f"{micro_batches(config)}, "
             f"mixed precision {accelerator.mixed_precision}, {execution}, warm-up {config.warmup_epochs:g} epochs\n"
             f"  run directory {run_dir}")
+
+
+def micro_batches(config: TrainConfig) -> str:
+    """How a process's share of the batch is accumulated, for the run's header."""
+    steps = config.grad_accum_steps
+    return f" in {steps} micro-batches" if steps > 1 else ""
 
 
 def start_trackers(accelerator: Accelerator, config: TrainConfig, run_dir: Path) -> None:

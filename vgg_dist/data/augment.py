@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vgg_dist.data.mix import Mixing, mix_batch
+
 # Random erasing draws the erased area and aspect ratio as torchvision's RandomErasing does by default.
 ERASE_AREA = (0.02, 0.33)
 ERASE_ASPECT = (0.3, 3.3)
+MIX_STREAM = 1  # the mixing generator's seed is (seed, epoch, step, MIX_STREAM)
 
 
 def step_seed(*parts: int) -> int:
@@ -31,9 +35,10 @@ class Augmentation:
     crop_padding: int = 0   # random translation by up to this many pixels (zero padding, then a crop)
     hflip: float = 0.0      # probability of a horizontal flip
     erase: float = 0.0      # probability of erasing one random rectangle (set to 0, the background)
+    mix: Mixing = Mixing()  # MixUp / CutMix, after the rest (vgg_dist/data/mix.py)
 
     def __bool__(self) -> bool:
-        return bool(self.crop_padding or self.hflip or self.erase)
+        return bool(self.crop_padding or self.hflip or self.erase or self.mix)
 
     def draw(self, generator: torch.Generator, global_batch: int) -> dict[str, torch.Tensor]:
         """The random numbers of one step, one row per image of the global batch: `shift` (B, 2) pixel
@@ -95,10 +100,21 @@ class BatchAugmenter:
         self.generator = torch.Generator()
 
     def draw(self, epoch: int, step_in_epoch: int) -> dict[str, torch.Tensor]:
-        """This process's rows of the step's random numbers, on its device."""
+        """This process's rows of the step's random numbers, and the step's mixing, on its device."""
         self.generator.manual_seed(step_seed(self.seed, epoch, step_in_epoch))
-        draws = self.augmentation.draw(self.generator, self.global_batch)
-        return {name: values[self.rows].to(self.device, non_blocking=True) for name, values in draws.items()}
+        draws = {name: values[self.rows] for name, values in
+                 self.augmentation.draw(self.generator, self.global_batch).items()}
+        if self.augmentation.mix:
+            # A stream of its own (NumPy's, for Beta draws), so that the other draws are what they were.
+            rng = np.random.default_rng(step_seed(self.seed, epoch, step_in_epoch, MIX_STREAM))
+            mixing = self.augmentation.mix.draw(rng, self.global_batch)
+            draws.update(mix=mixing["mix"], partner=mixing["partner"][self.rows])
+        return {name: values.to(self.device, non_blocking=True) for name, values in draws.items()}
 
     def apply(self, images: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.augmentation.apply(images, draws)
+
+    def mix(self, images: torch.Tensor, labels: torch.Tensor, draws: dict[str, torch.Tensor], num_classes: int,
+            gather: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+        """MixUp / CutMix of the augmented batch: (images, soft targets, dominant labels); see mix_batch."""
+        return mix_batch(images, labels, draws, num_classes, gather)

@@ -322,6 +322,9 @@ def _check_same_run(path: Path, saved: SavedState, identity: RunIdentity) -> Non
         if getattr(saved.flags, name) != getattr(config, name):
             raise CheckpointError(f"{path}: was trained with {flag(name)} {short(getattr(saved.flags, name))}, not "
                                   f"{getattr(config, name)}; the data order would change, so pass the same value")
+    if saved.flags.optimizer != config.optimizer:  # SGD without momentum saves no state a check would miss
+        raise CheckpointError(f"{path}: was trained with --optimizer {short(saved.flags.optimizer)}, not "
+                              f"{config.optimizer}; its optimizer state would not carry over, so pass the same value")
     if saved.lr_schedule != identity.schedule.describe():
         raise CheckpointError(f"{path}: follows the learning-rate schedule {short(saved.lr_schedule)}, this run "
                               f"{identity.schedule.describe()}; pass the same --lr, --lr-schedule, --warmup-epochs "

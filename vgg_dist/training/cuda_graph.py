@@ -6,7 +6,7 @@ launches them all at once. What changes from one step to the next reaches the gr
 reads in place: the batch, its labels, the augmentation's random numbers and the learning rate. Dropout
 draws from PyTorch's default CUDA generator, which a replay advances by itself.
 
-Nothing here knows what a step does: `update(images, labels, draws) -> (loss, logits)` is the trainer's.
+Nothing here knows what a step does: `update(images, labels, draws) -> (loss, logits, ...)` is the trainer's.
 It must not wait for the host, and must set the gradients to None before its backward, so that the
 recorded backward writes them afresh (into the graph's own memory) on every replay.
 """
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-Update = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None], tuple[torch.Tensor, torch.Tensor]]
+Update = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None], tuple[torch.Tensor, ...]]
 
 # Eager steps before recording: cuDNN picks its algorithms, torch.compile compiles, the optimizer creates its
 # momentum buffers and the allocator settles, none of which may happen inside a recording.
@@ -37,7 +37,7 @@ def record_cuda_graph(step: Callable[[], None]) -> Callable[[], None]:
 class GraphedUpdate:
     """Calls `update` like `update(images, labels, draws)`: eagerly for the first EAGER_STEPS calls, then
     by replaying one recording of it. Every call is a real training step; the loss and logits returned
-    after recording are the same two tensors every time, overwritten by each replay.
+    after recording are the same tensors every time, overwritten by each replay.
 
     `record` is `record_cuda_graph`; the tests give one that replays by calling `step` again, which runs
     the very same code on a CPU.
@@ -51,15 +51,15 @@ class GraphedUpdate:
         # The optimizer reads its learning rate from here inside the recording (float32, as fused SGD wants).
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
         self.inputs: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None] | None = None
-        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.outputs: tuple[torch.Tensor, ...] | None = None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
-                 draws: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 draws: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
         if self.eager_steps_left:
             self.eager_steps_left -= 1
-            loss, logits = self._eager(images, labels, draws)
-            self.outputs = (torch.empty_like(loss), torch.empty_like(logits))
-            return loss, logits
+            outputs = self._eager(images, labels, draws)
+            self.outputs = tuple(torch.empty_like(output) for output in outputs)
+            return outputs
         if self.replay is None:
             self.inputs = (images.clone(), labels.clone(),
                            None if draws is None else {name: values.clone() for name, values in draws.items()})
@@ -76,11 +76,11 @@ class GraphedUpdate:
 
     def _recorded_step(self) -> None:
         with learning_rate_from(self.optimizer, self.lr):
-            loss, logits = self.update(*self.inputs)
-        self.outputs[0].copy_(loss)
-        self.outputs[1].copy_(logits)
+            outputs = self.update(*self.inputs)
+        for static, output in zip(self.outputs, outputs):
+            static.copy_(output)
 
-    def _eager(self, images, labels, draws) -> tuple[torch.Tensor, torch.Tensor]:
+    def _eager(self, images, labels, draws) -> tuple[torch.Tensor, ...]:
         if self.device.type != "cuda":
             return self.update(images, labels, draws)
         # On a side stream, as PyTorch's CUDA graph notes ask of the steps before a recording.

@@ -28,18 +28,20 @@ NO_STEP = 2 ** 62  # "no step yet" in step-number collectives, where the minimum
 
 
 def make_accelerator(dist_timeout: int = 600, report_to: str = "none", ddp_bf16_grads: bool = False,
-                     cuda_graphs: bool = False) -> Accelerator:
+                     cuda_graphs: bool = False, grad_accum_steps: int = 1) -> Accelerator:
     """An Accelerator whose dataloaders take GLOBAL batches and split them across processes.
 
     Without a GPU it is built with cpu=True: that is what turns `accelerate launch --multi_gpu
     --num_processes N` into one N-process gloo job instead of N independent runs. `dist_timeout`
     bounds every collective, so a dead rank fails the job instead of hanging it for gloo's 30 minutes.
     DDP keeps gradients as views into its all-reduce buckets (no extra copy of the 42M-parameter
-    classifier's gradients) and treats the graph as static (the same parameters every step).
+    classifier's gradients) and treats the graph as static (the same parameters every step), except
+    with gradient accumulation: a static graph's reducer fails (an internal assert) on a backward under
+    `no_sync`, which every micro-batch but a step's last runs.
     With `cuda_graphs`, autocast keeps no cache of cast weights, which a CUDA graph recording may not use.
     """
     ddp = DistributedDataParallelKwargs(
-        gradient_as_bucket_view=True, static_graph=True,
+        gradient_as_bucket_view=True, static_graph=grad_accum_steps == 1,
         comm_hook=DDPCommunicationHookType.BF16 if ddp_bf16_grads else DDPCommunicationHookType.NO)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -64,8 +66,11 @@ def say(accelerator: Accelerator, line: str) -> None:
         print(line, flush=True)
 
 
-def check_layout(accelerator: Accelerator, batch_size: int) -> None:
+def check_layout(accelerator: Accelerator, batch_size: int, grad_accum_steps: int = 1) -> None:
     processes = accelerator.num_processes
+    if grad_accum_steps > 1 and batch_size % (processes * grad_accum_steps):
+        raise UsageError(f"--batch-size {batch_size} does not split over {processes} processes x --grad-accum-steps "
+                         f"{grad_accum_steps} micro-batches; use a multiple of {processes * grad_accum_steps}")
     if batch_size % processes:
         raise UsageError(f"--batch-size {batch_size} does not split evenly over {processes} processes; "
                          f"use a multiple of {processes}")

@@ -7,6 +7,7 @@ loss is noted on the device too, until the processes next meet.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from vgg_dist.store.run_dir import Store
 
 CURVE_POINTS_PER_EPOCH = 5  # as many train points per epoch as the chapter's plot draws
-Update = Callable[[torch.Tensor, torch.Tensor, dict | None], tuple[torch.Tensor, torch.Tensor]]
+Update = Callable[[torch.Tensor, torch.Tensor, dict | None], tuple[torch.Tensor, ...]]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -123,31 +124,68 @@ def train_step(state: TrainState, run: Run, update: Update, images: torch.Tensor
     progress = state.progress
     set_learning_rate(state.optimizer, run.schedule(progress.global_step))
     draws = run.augment.draw(progress.epoch, progress.step_in_epoch) if run.augment is not None else None
-    loss, logits = update(images, labels, draws)
+    loss, logits, judged_by = update(images, labels, draws)
     progress.step_in_epoch += 1
     progress.global_step += 1
     if state.ema is not None:
         state.ema.update(progress.global_step)
-    state.sums.add(loss, logits, labels)
+    state.sums.add(loss, logits, judged_by)
     return loss
 
 
 def update(state: TrainState, run: Run, images: torch.Tensor, labels: torch.Tensor,
-           draws: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A step's device work, from a batch to new weights: augment, forward, loss, backward, clip, optimizer
-    step; the loss and logits come back detached. Nothing here waits for the host, so it can be recorded
-    as a CUDA graph; the gradients are set to None before the backward writes them."""
-    config = run.config
-    if draws is not None:
+           draws: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's device work, from a batch to new weights: augment and mix, forward, loss, backward (per
+    micro-batch with --grad-accum-steps), clip, optimizer step. Returns the loss, logits and the labels train
+    accuracy is judged by (under MixUp/CutMix the dominant ones), detached. Nothing here waits for the host,
+    so it can be recorded as a CUDA graph; the gradients are set to None before the backward writes them."""
+    config, judged_by = run.config, labels
+    if draws is not None:  # the whole per-process batch at once: each image keeps its row of the draws
         images = run.augment.apply(images, draws)
-    logits = state.model(to_model_input(images, config.image_size, config.channels_last))
-    loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+        if "mix" in draws:  # labels become soft targets; one process gathers nothing
+            gather = state.accelerator.gather if state.accelerator.num_processes > 1 else None
+            images, labels, judged_by = run.augment.mix(images, labels, draws, run.spec.num_classes, gather)
     state.optimizer.zero_grad(set_to_none=True)
-    state.accelerator.backward(loss)
+    if config.grad_accum_steps == 1:
+        loss, logits = forward_backward(state, config, images, labels, 1)
+    else:
+        loss, logits = accumulate(state, config, images, labels)
     if config.clip_grad_norm is not None:
         state.accelerator.clip_grad_norm_(state.model.parameters(), config.clip_grad_norm)
     state.optimizer.step()
+    return loss, logits, judged_by
+
+
+def forward_backward(state: TrainState, config: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
+                     micro_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of one (micro-)batch, adding its gradients to those already there; the loss is
+    divided by the number of micro-batches so that the sum of their gradients is the whole batch's mean."""
+    logits = state.model(to_model_input(images, config.image_size, config.channels_last))
+    loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+    state.accelerator.backward(loss if micro_batches == 1 else loss / micro_batches)
     return loss.detach(), logits.detach()
+
+
+def accumulate(state: TrainState, config: TrainConfig, images: torch.Tensor,
+               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient accumulation inside one optimizer step: this process's rows in --grad-accum-steps equal
+    micro-batches, in order, so that micro-batch k of process p holds the same images on any processes x K
+    of the same global batch. Returns the mean loss and all the logits, as one batch would.
+
+    Written out with `accelerator.no_sync` rather than `accelerator.accumulate`: that one counts loader
+    batches in Accelerate's GradientState, which the checkpoints do not hold, and would make the loader yield
+    micro-batches, so a window could straddle a sync point or a checkpoint. Here the whole window lies inside
+    one step, so steps, the schedule, checkpoints and the running sums stay counted in optimizer steps and a
+    stop signal always lands between windows. DDP all-reduces once, in the last micro-batch's backward."""
+    micro_batches = config.grad_accum_steps
+    losses, logits = [], []
+    for index, (part, part_labels) in enumerate(zip(images.chunk(micro_batches), labels.chunk(micro_batches))):
+        last = index == micro_batches - 1
+        with contextlib.nullcontext() if last else state.accelerator.no_sync(state.model):
+            loss, part_logits = forward_backward(state, config, part, part_labels, micro_batches)
+        losses.append(loss)
+        logits.append(part_logits)
+    return torch.stack(losses).mean(), torch.cat(logits)
 
 
 def sync_point(state: TrainState, run: Run, watch: NonFiniteWatch, checkpoint_due: bool) -> Agreement:

@@ -1,4 +1,4 @@
-"""SGD as torchvision's and timm's reference scripts set it up, the learning rate at every step, and an
+"""SGD and AdamW as torchvision's and timm's reference scripts set them up, the learning rate at every step, and an
 exponential moving average (EMA) of the weights.
 
 The learning rate is a pure function of the global step (nanoGPT's `get_lr`), so a resumed run
@@ -14,21 +14,34 @@ import math
 import torch
 
 SCHEDULES = ("constant", "cosine", "onecycle")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The model's trainable parameters, with weight decay only on weights, none on biases or BatchNorm
+    (one-dimensional parameters), as the reference recipes do for SGD and AdamW alike."""
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if not weight_decay:
+        return [{"params": parameters}]
+    return [{"params": [p for p in parameters if p.dim() > 1], "weight_decay": weight_decay},
+            {"params": [p for p in parameters if p.dim() <= 1], "weight_decay": 0.0}]
 
 
 def make_sgd(model: torch.nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float,
              fused: bool) -> torch.optim.SGD:
-    """SGD over the model's parameters; weight decay only on weights, none on biases or BatchNorm
-    (one-dimensional parameters), as the reference recipes do. `fused`: one kernel for the whole
-    update on a GPU instead of one per parameter."""
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    if weight_decay:
-        groups = [{"params": [p for p in parameters if p.dim() > 1], "weight_decay": weight_decay},
-                  {"params": [p for p in parameters if p.dim() <= 1], "weight_decay": 0.0}]
-    else:
-        groups = [{"params": parameters}]
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
+    """SGD over the model's parameters, weight decay as an L2 term in the gradient. `fused`: one kernel for
+    the whole update on a GPU instead of one per parameter."""
+    return torch.optim.SGD(parameter_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov,
                            **({"fused": True} if fused else {"foreach": True}))
+
+
+def make_adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
+               fused: bool) -> torch.optim.AdamW:
+    """AdamW (Loshchilov and Hutter): weight decay decoupled from the gradient's moments, each step
+    multiplying the weights by 1 - lr x weight_decay, as PyTorch's AdamW and timm define it; none on biases
+    or BatchNorm."""
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas, weight_decay=weight_decay,
+                             **({"fused": True} if fused else {"foreach": True}))
 
 
 @dataclasses.dataclass(frozen=True)

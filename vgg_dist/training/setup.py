@@ -13,20 +13,22 @@ from accelerate.utils import set_seed
 
 from vgg_dist.config import TrainConfig
 from vgg_dist.data.augment import Augmentation, BatchAugmenter
+from vgg_dist.data.mix import Mixing
 from vgg_dist.errors import UsageError
 from vgg_dist.model import ModelSpec, build_model
 from vgg_dist.training import sync_batchnorm
-from vgg_dist.training.optim import LRSchedule, make_sgd
+from vgg_dist.training.optim import LRSchedule, make_adamw, make_sgd
 
-# fp32 copies of every parameter while training: weights, gradients, momentum, and the EMA's weights.
-TRAINING_COPIES = 4
+# fp32 copies of every parameter while training: weights, gradients, momentum, and the EMA's weights;
+# AdamW keeps two moments where SGD keeps one momentum.
+TRAINING_COPIES = {"sgd": 4, "adamw": 5}
 COMPILE_CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
 
 
 def build_model_and_optimizer(accelerator: Accelerator, config: TrainConfig,
                               spec: ModelSpec) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The bare model (seeded first, so every process starts from the same weights) and its optimizer."""
-    check_fits_in_memory(spec, accelerator.device)
+    check_fits_in_memory(spec, accelerator.device, TRAINING_COPIES[config.optimizer])
     set_seed(config.seed)
     model = build_model(spec, fusable_pool=config.fused_pool)
     if config.batch_norm and config.sync_bn and accelerator.num_processes > 1:
@@ -36,15 +38,21 @@ def build_model_and_optimizer(accelerator: Accelerator, config: TrainConfig,
     on_gpu = accelerator.device.type == "cuda"
     if on_gpu:
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
-    optimizer = make_sgd(model, config.lr, config.momentum, config.nesterov, config.weight_decay, fused=on_gpu)
-    return model, optimizer
+    return model, make_optimizer(model, config, fused=on_gpu)
 
 
-def check_fits_in_memory(spec: ModelSpec, device: torch.device) -> None:
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    """--optimizer's optimizer over the bare model's parameters."""
+    if config.optimizer == "adamw":
+        return make_adamw(model, config.lr, (config.beta1, config.beta2), config.weight_decay, fused)
+    return make_sgd(model, config.lr, config.momentum, config.nesterov, config.weight_decay, fused)
+
+
+def check_fits_in_memory(spec: ModelSpec, device: torch.device, copies: int = TRAINING_COPIES["sgd"]) -> None:
     """Refuse a model whose parameters alone would not fit in the device's memory, before allocating it
     (a --hidden-size typo should be one line, not an out-of-memory crash or a swapping machine)."""
     parameters = spec.parameter_count()
-    needed = parameters * 4 * TRAINING_COPIES
+    needed = parameters * 4 * copies
     if device.type == "cuda":
         available = torch.cuda.get_device_properties(device).total_memory
     else:
@@ -61,7 +69,8 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> LRSchedule:
 
 
 def make_augmenter(accelerator: Accelerator, config: TrainConfig) -> BatchAugmenter | None:
-    augmentation = Augmentation(config.random_crop_padding, config.hflip, config.random_erase)
+    mixing = Mixing(config.mixup, config.cutmix, config.mix_prob, config.mix_switch_prob)
+    augmentation = Augmentation(config.random_crop_padding, config.hflip, config.random_erase, mixing)
     if not augmentation:
         return None
     return BatchAugmenter(augmentation, accelerator.device, config.seed, accelerator.process_index,
