@@ -11,7 +11,8 @@ import pytest
 from conftest import REPO
 
 PACKAGE = REPO / "vgg_dist"
-COMMANDS = ["vgg_dist.train", "vgg_dist.evaluate", "vgg_dist.predict", "vgg_dist.bench", "vgg_dist.model"]
+COMMANDS = ["vgg_dist.train", "vgg_dist.evaluate", "vgg_dist.predict", "vgg_dist.bench", "vgg_dist.model",
+            "vgg_dist.export"]
 MAX_FUNCTION_LINES = 60
 MAX_PARAMETERS = 6  # `self` and `cls` not counted; a keyword-only dataclass counts as one
 

@@ -19,6 +19,7 @@ from vgg_dist.data.sources import DATASETS
 from vgg_dist.errors import UsageError
 from vgg_dist.fields import FieldError, checked_fields, short
 from vgg_dist.model import ARCHITECTURES, ModelSpec
+from vgg_dist.pretrained import TORCHVISION, check_pretrainable
 from vgg_dist.training.optim import OPTIMIZERS, SCHEDULES
 
 TRAIN_CONFIG_NAME = "train_config.yaml"  # what every run writes: --config THIS_FILE reproduces its recipe
@@ -65,6 +66,12 @@ class TrainConfig:
     dropout: float = _field(ModelSpec.dropout, "model", "dropout probability in the classifier (masks are drawn "
                                                         "per process)")
     image_size: int = _field(ModelSpec.image_size, "model", "resize images to this side, a multiple of 32")
+    pretrained: str | None = _field(None, "model", "start from torchvision's ImageNet weights for --arch (and "
+                                                   "--batch-norm): alone, through torchvision's weights API into "
+                                                   "$TORCH_HOME; or PATH, a torchvision state dict (.pth or "
+                                                   ".safetensors). Needs --width-divisor 1 and --hidden-size 4096; "
+                                                   "the last layer starts fresh (docs/pretrained.md)",
+                                    const=TORCHVISION, metavar="PATH")
     epochs: int = _field(10, "optimisation", "passes over the training set")
     batch_size: int = _field(128, "optimisation", "GLOBAL batch size, split evenly across processes, so 1 and N "
                                                   "processes take the same optimizer steps")
@@ -186,6 +193,8 @@ def build_parser(prog: str, description: str, with_defaults: bool = True) -> arg
             options["choices"] = field.metadata["choices"]
         else:
             options.update(type=kind, metavar=field.metadata.get("metavar", field.name.upper()))
+            if "const" in field.metadata:  # the flag alone means this value: --pretrained, --pretrained PATH
+                options.update(nargs="?", const=field.metadata["const"])
         groups[field.metadata["group"]].add_argument(flag(field.name), **options)
     groups["optimisation"].add_argument(
         "--config", metavar="FILE", help=f"YAML file of flag values; it overrides the recipe, flags given here "
@@ -289,6 +298,11 @@ def validate(config: TrainConfig) -> None:
     # Shape problems (architecture, image size, divisor, dropout) are the model's to state.
     config.model_spec(in_channels=1, num_classes=10).check()
     _validate_paths(config)
+    if config.pretrained is not None:  # the data's channels are checked once it is loaded
+        check_pretrainable(config.model_spec(in_channels=1, num_classes=10))
+        if config.pretrained != TORCHVISION and not Path(config.pretrained).is_file():
+            raise UsageError(f"--pretrained {config.pretrained}: file not found; give a torchvision state dict "
+                             f"(.pth or .safetensors), or --pretrained alone for torchvision's download")
 
 
 def _validate_numbers(config: TrainConfig) -> None:

@@ -16,6 +16,7 @@ from vgg_dist.data.augment import Augmentation, BatchAugmenter
 from vgg_dist.data.mix import Mixing
 from vgg_dist.errors import UsageError
 from vgg_dist.model import ModelSpec, build_model
+from vgg_dist.pretrained import load_pretrained
 from vgg_dist.training import sync_batchnorm
 from vgg_dist.training.optim import LRSchedule, make_adamw, make_sgd
 
@@ -31,6 +32,8 @@ def build_model_and_optimizer(accelerator: Accelerator, config: TrainConfig,
     check_fits_in_memory(spec, accelerator.device, TRAINING_COPIES[config.optimizer])
     set_seed(config.seed)
     model = build_model(spec, fusable_pool=config.fused_pool)
+    if config.pretrained is not None:  # after the seeded build: every process keeps the same fresh last layer
+        load_pretrained(model, spec, config.pretrained, accelerator.main_process_first)
     if config.batch_norm and config.sync_bn and accelerator.num_processes > 1:
         model = sync_batchnorm.synchronise(model, accelerator.device)
     if config.channels_last:
