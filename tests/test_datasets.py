@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_MODEL, train_here
+from conftest import REPO, TINY_MODEL, quiet_env, run_main, train_here
 from vgg_dist.data import decode as decode_module
 from vgg_dist.data.cache import DecodeOptions
 from vgg_dist.data.sources import load_dataset
@@ -108,10 +108,14 @@ def test_an_image_folder_of_mixed_formats_trains_from_a_cache_decoded_once(tmp_p
     assert config_json(rebuilt)["data"]["fingerprint"] != info["data"]["fingerprint"] and len(entries(cache)) == 2
 
 
-def test_an_older_config_json_without_a_data_record_still_reads(tmp_path):
+def test_an_older_config_json_without_a_data_record_still_reads_and_evaluate_reuses_the_cache(tmp_path):
+    from vgg_dist import evaluate
     from vgg_dist.store.run_files import read_run_info
     data = grey_folder(tmp_path / "grey")
     run_dir, _, _ = train_here(tmp_path, data, *QUICK, "--cache-dir", str(tmp_path / "cache"))
+    code, stdout, stderr = run_main(evaluate.main, ["--checkpoint", str(run_dir)])
+    assert code == 0 and json.loads(stdout.splitlines()[-1])["test_samples"] == 4, stderr
+    assert "decoding" not in stdout and len(entries(tmp_path / "cache")) == 1
     values = config_json(run_dir)
     assert values["data"]["cache_hit"] is False
     del values["data"]
@@ -274,3 +278,25 @@ def test_a_bad_column_flag_names_the_candidates(tmp_path):
     data = hub_data(tmp_path / "pq", "parquet")
     with pytest.raises(UsageError, match="--image-column photo: not an Image column .* its Image columns: img"):
         load(data, tmp_path / "cache", image_column="photo", label_column="label")
+
+
+BUILD = """
+import sys
+from pathlib import Path
+from vgg_dist.data.cache import DecodeOptions
+from vgg_dist.data.sources import load_dataset
+data = load_dataset("fashion_mnist", Path(sys.argv[1]), None, DecodeOptions(cache_dir=sys.argv[2], decode_workers=2))
+print("HIT" if data.record.cache_hit else "BUILT", tuple(data.train.images.shape))
+"""
+
+
+def test_two_runs_starting_on_one_uncached_folder_decode_it_once(tmp_path):
+    data, cache = image_folder(tmp_path / "photos"), tmp_path / "cache"
+    env = quiet_env(PYTHONPATH=str(REPO))
+    runs = [subprocess.Popen([sys.executable, "-c", BUILD, str(data), str(cache)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for _ in range(2)]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    last_lines = sorted(stdout.splitlines()[-1] for stdout, _ in outputs)
+    assert last_lines == ["BUILT (12, 3, 224, 224)", "HIT (12, 3, 224, 224)"]
+    assert sum("decoding 16 images" in stdout for stdout, _ in outputs) == 1 and len(entries(cache)) == 1

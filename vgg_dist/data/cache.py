@@ -87,7 +87,11 @@ def locked(path: Path):
     """Holds an exclusive lock on `path` (created if needed): a second holder waits for the first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # said once, so a long wait is not mistaken for a hang
+            print(f"waiting for another run that is decoding these images (lock {path})", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
