@@ -300,3 +300,36 @@ def test_two_runs_starting_on_one_uncached_folder_decode_it_once(tmp_path):
     last_lines = sorted(stdout.splitlines()[-1] for stdout, _ in outputs)
     assert last_lines == ["BUILT (12, 3, 224, 224)", "HIT (12, 3, 224, 224)"]
     assert sum("decoding 16 images" in stdout for stdout, _ in outputs) == 1 and len(entries(cache)) == 1
+
+
+def test_a_disk_that_fills_during_the_build_is_one_line_and_leaves_no_entry(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (root is needed): {mounted.stderr.decode().strip()}")
+    try:
+        data = image_folder(tmp_path / "photos")  # 16 images of 3x224x224 bytes: 2.4 MB
+        _, _, stderr = train_here(tmp_path, data, *QUICK, "--cache-dir", str(disk / "cache"), "--data-size", "224",
+                                  expect=2)
+        assert stderr.count("\n") == 1 and "no space left on the device holding" in stderr, stderr
+        assert entries(disk / "cache") == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_two_launched_processes_share_one_decode(tmp_path):
+    from conftest import train
+    data, cache = image_folder(tmp_path / "photos"), tmp_path / "cache"
+    run_dir, result = train(tmp_path, data, *TINY_MODEL, "--epochs", "1", "--batch-size", "4", "--cache-dir",
+                            str(cache), num_processes=2)
+    assert result.stdout.count("decoding 16 images") == 1 and len(entries(cache)) == 1
+    assert config_json(run_dir)["data"]["cache_hit"] is False and config_json(run_dir)["train_samples"] == 12
+
+
+def test_an_image_over_the_pixel_limit_is_refused_naming_it(tmp_path, monkeypatch):
+    data, cache = image_folder(tmp_path / "photos"), tmp_path / "cache"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the 50x36 RGBA files are over twice that
+    _, _, stderr = train_here(tmp_path, data, *QUICK, "--cache-dir", str(cache), expect=2)
+    assert stderr.count("\n") == 1 and "too many to decode safely; shrink it first" in stderr, stderr
+    assert str(data / "train" / "cat") in stderr and entries(cache) == []

@@ -228,6 +228,7 @@ def _write_split(directory: Path, split: str, items: SplitItems, how: tuple, fil
     images_path, labels_path = directory / f"{split}_images.npy", directory / f"{split}_labels.npy"
     array = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(len(items.labels), channels, *size))
     del array  # the workers write through their own maps
+    reserve(images_path)
     failures = decode.decode_into(images_path, items, channels, size, workers)
     if failures and not skip:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
@@ -243,6 +244,16 @@ def _write_split(directory: Path, split: str, items: SplitItems, how: tuple, fil
         array = np.load(path, mmap_mode="r")
         files[path.name] = {"bytes": path.stat().st_size, "shape": list(array.shape), "dtype": str(array.dtype)}
     return [items.names[index] for index, _ in sorted(failures)]
+
+
+def reserve(path: Path) -> None:
+    """Allocate the file's blocks now. The new array is a sparse file that workers fill through memory
+    maps, and a full disk met through a map kills the writer with SIGBUS; met here it is an OSError."""
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(descriptor, 0, path.stat().st_size)
+    finally:
+        os.close(descriptor)
 
 
 def _compact(images_path: Path, labels: np.ndarray, bad: set[int]) -> np.ndarray:
