@@ -50,8 +50,9 @@ class TrainConfig:
                                                     "overrides the recipe's value (see 'recipes' below)")
     data_dir: str | None = _field(None, "data", "directory of images: Zalando's four IDX files, an ImageFolder tree "
                                                 "(train/CLASS/*, test/CLASS/* or val/CLASS/*), a `datasets` "
-                                                "save_to_disk folder, or Hub-style parquet files (data/train-*.parquet, "
-                                                "data/test-*.parquet) (default: load from the Hugging Face Hub)")
+                                                "save_to_disk folder, or Hub-style parquet files "
+                                                "(data/train-*.parquet, data/test-*.parquet) (default: load from "
+                                                "the Hugging Face Hub)")
     dataset: str = _field("fashion_mnist", "data", "which dataset", choices=tuple(DATASETS))
     class_names: str | None = _field(None, "data", "text file with one class name per line, for IDX data that "
                                                    "is neither Fashion-MNIST nor MNIST")

@@ -185,6 +185,8 @@ def build(data_dir: Path, layout: str, options: DecodeOptions, entry: Path) -> N
     print(f"decoding {count:,} images from {data_dir} ({layout}) at {channels}x{size[0]}x{size[1]} into "
           f"{entry} with {workers} worker{'s' if workers > 1 else ''}", flush=True)
     started = time.perf_counter()
+    for abandoned in entry.parent.glob(f".tmp-{entry.name}-*"):  # a killed build's; we hold the lock
+        shutil.rmtree(abandoned, ignore_errors=True)
     temporary = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
     try:
         temporary.mkdir(parents=True)
@@ -226,7 +228,8 @@ def _write_split(directory: Path, split: str, items: SplitItems, how: tuple, fil
     refuses the run, naming it, unless --skip-bad-images is given."""
     channels, size, workers, skip = how
     images_path, labels_path = directory / f"{split}_images.npy", directory / f"{split}_labels.npy"
-    array = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(len(items.labels), channels, *size))
+    shape = (len(items.labels), channels, *size)
+    array = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=shape)
     del array  # the workers write through their own maps
     reserve(images_path)
     failures = decode.decode_into(images_path, items, channels, size, workers)

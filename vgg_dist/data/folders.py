@@ -167,7 +167,8 @@ def choose_columns(data_dir: Path, schema, image_column: str | None, label_colum
     """(image column, label column) from the features: given by flag, or the only candidate of its kind."""
     features = _features(schema)
     chosen = []
-    for kind, given, flag in (("Image", image_column, "--image-column"), ("ClassLabel", label_column, "--label-column")):
+    wanted = (("Image", image_column, "--image-column"), ("ClassLabel", label_column, "--label-column"))
+    for kind, given, flag in wanted:
         candidates = [name for name, feature in features.items() if feature.get("_type") == kind]
         if given is not None and given not in candidates:
             raise UsageError(f"{flag} {given}: not a{'n' if kind == 'Image' else ''} {kind} column of --data-dir "
