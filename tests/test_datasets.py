@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, TINY_MODEL, quiet_env, run_main, train_here
+from vgg_dist import predict
 from vgg_dist.data import decode as decode_module
 from vgg_dist.data.cache import DecodeOptions
 from vgg_dist.data.sources import load_dataset
@@ -90,7 +91,10 @@ def test_an_image_folder_of_mixed_formats_trains_from_a_cache_decoded_once(tmp_p
     assert info["source_image_size"] == [32, 32] and info["train_samples"] == 12 and info["test_samples"] == 4
     assert info["data"]["cache_hit"] is False and info["data"]["layout"] == "imagefolder"
     assert len(info["data"]["channel_mean"]) == 3 and all(0 < value < 1 for value in info["data"]["channel_std"])
-    assert "decoding 16 images" in stdout and len(entries(cache)) == 1
+    assert "decoding 16 images" in stdout and len(entries(cache)) == 1 and info["background"] is None
+    photo = next((data / "test" / "dog").glob("*.jpg"))
+    code, predicted, stderr = run_main(predict.main, ["--checkpoint", str(run_dir), "--json", str(photo)])
+    assert code == 0 and {entry["class"] for entry in json.loads(predicted)["top"]} == {"cat", "dog"}, stderr
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("a cached dataset was decoded again")
@@ -233,20 +237,27 @@ def empty_split(root: Path) -> str:
     return "holds no class folders, so the split has no images"
 
 
+def class_names_file(root: Path) -> str:
+    (root / "names.txt").write_text("a\nb\n")
+    return "--class-names applies to IDX files"
+
+
 def no_layout(root: Path) -> str:
     (root / "train").rename(root / "training")
     return "expected one of: Zalando's four IDX files"
 
 
 REFUSALS = {"truncated image": truncated, "empty class folder": empty_class, "test class not in train":
-            unknown_test_class, "split with no images": empty_split, "no known layout": no_layout}
+            unknown_test_class, "split with no images": empty_split, "no known layout": no_layout,
+            "--class-names on a folder": class_names_file}
 
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_bad_input_is_one_line_exit_2_and_no_cache_entry(tmp_path, case):
     data, cache = image_folder(tmp_path / "photos"), tmp_path / "cache"
     expected = REFUSALS[case](data)
-    run_dir, _, stderr = train_here(tmp_path, data, *QUICK, "--cache-dir", str(cache), expect=2)
+    names = ["--class-names", str(data / "names.txt")] if (data / "names.txt").exists() else []
+    run_dir, _, stderr = train_here(tmp_path, data, *QUICK, *names, "--cache-dir", str(cache), expect=2)
     assert stderr.startswith("error: ") and stderr.count("\n") == 1 and expected in stderr, stderr
     assert entries(cache) == [] and not run_dir.exists()
 
