@@ -26,6 +26,7 @@ TRAIN_CONFIG_NAME = "train_config.yaml"  # what every run writes: --config THIS_
 MAX_SEED = 2 ** 32 - 1           # NumPy's seeds are 32-bit
 MAX_DIST_TIMEOUT = 7 * 24 * 3600  # a week: beyond it a collective is not waiting, it is lost
 MAX_CROP_PADDING = 16
+MAX_DATA_SIZE = 4096             # the stored side predict also accepts (run_files.MAX_SOURCE_SIDE)
 MAX_CONFIG_BYTES = 1 << 20       # a recipe is a few hundred bytes; a megabyte is not a recipe
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MAX_LR = 3.4028234663852886e38   # the optimizer multiplies float32 gradients by it
@@ -48,11 +49,29 @@ class TrainConfig:
 
     recipe: str = _field("chapter", "optimisation", "a named set of flag values; any flag given as well "
                                                     "overrides the recipe's value (see 'recipes' below)")
-    data_dir: str | None = _field(None, "data", "directory holding Zalando's four IDX files "
-                                                "(default: load from the Hugging Face Hub)")
+    data_dir: str | None = _field(None, "data", "directory of images: Zalando's four IDX files, an ImageFolder tree "
+                                                "(train/CLASS/*, test/CLASS/* or val/CLASS/*), a `datasets` "
+                                                "save_to_disk folder, or Hub-style parquet files "
+                                                "(data/train-*.parquet, data/test-*.parquet) (default: load from "
+                                                "the Hugging Face Hub)")
     dataset: str = _field("fashion_mnist", "data", "which dataset", choices=tuple(DATASETS))
     class_names: str | None = _field(None, "data", "text file with one class name per line, for IDX data that "
                                                    "is neither Fashion-MNIST nor MNIST")
+    image_column: str | None = _field(None, "data", "with save_to_disk or parquet data: the Image column to use "
+                                                    "(default: the only one)")
+    label_column: str | None = _field(None, "data", "with save_to_disk or parquet data: the ClassLabel column to use "
+                                                    "(default: the only one)")
+    channels: int | None = _field(None, "data", "store images with 1 (grey) or 3 (RGB) channels (default: 1 when "
+                                                "every training image is grey, else 3)")
+    data_size: int | None = _field(None, "data", "store images at this side, shorter side resized then centre-"
+                                                 "cropped, once (default: their own size when all training images "
+                                                 "share one square size, else --image-size)")
+    decode_workers: int | None = _field(None, "data", "processes that decode a folder into the cache (default: "
+                                                      "one per core)")
+    cache_dir: str | None = _field(None, "data", "where decoded images are cached (default: "
+                                                 "$XDG_CACHE_HOME/vgg_dist/datasets)")
+    skip_bad_images: bool = _field(False, "data", "leave out images that cannot be decoded, instead of refusing "
+                                                  "the run; config.json records how many and which")
     max_train_samples: int | None = _field(None, "data", "use only the first N training images (quick runs)")
     max_eval_samples: int | None = _field(None, "data", "use only the first N test images (quick runs)")
     val_split: float = _field(0.0, "data", "hold out this fraction of the training images (the last ones) as a "
@@ -307,7 +326,7 @@ def validate(config: TrainConfig) -> None:
 
 def _validate_numbers(config: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "image_size", "width_divisor", "hidden_size", "max_train_samples",
-                 "max_eval_samples", "sync_every", "dist_timeout", "grad_accum_steps"):
+                 "max_eval_samples", "sync_every", "dist_timeout", "grad_accum_steps", "decode_workers"):
         check_positive(name, getattr(config, name))
     if config.batch_size % config.grad_accum_steps:
         raise UsageError(f"--batch-size {config.batch_size} does not split into --grad-accum-steps "
@@ -315,6 +334,10 @@ def _validate_numbers(config: TrainConfig) -> None:
     if config.cuda_graphs and config.grad_accum_steps > 1:
         raise UsageError("--cuda-graphs records one whole step and cannot record --grad-accum-steps above 1; "
                          "leave one of them out")
+    if config.channels not in (None, 1, 3):
+        raise UsageError(f"--channels must be 1 (grey) or 3 (RGB), got {config.channels}")
+    if config.data_size is not None:
+        _check_range("data_size", config.data_size, 1, MAX_DATA_SIZE)
     for name in ("checkpoint_every", "keep_last", "random_crop_padding"):
         if getattr(config, name) < 0:
             raise UsageError(f"{flag(name)} must be 0 or more, got {getattr(config, name)}")
@@ -345,8 +368,8 @@ def _validate_numbers(config: TrainConfig) -> None:
 
 def _validate_paths(config: TrainConfig) -> None:
     if config.data_dir is not None and not Path(config.data_dir).is_dir():
-        raise UsageError(f"--data-dir {config.data_dir}: not a directory; point it at the folder holding "
-                         f"the four IDX files")
+        raise UsageError(f"--data-dir {config.data_dir}: not a directory; point it at a folder of images "
+                         f"(see --help)")
     if config.class_names is not None and not Path(config.class_names).is_file():
         raise UsageError(f"--class-names {config.class_names}: file not found; give a text file with one class "
                          f"name per line")
@@ -359,6 +382,8 @@ def _validate_paths(config: TrainConfig) -> None:
         raise UsageError(f"--resume {config.resume}: not a directory; pass 'auto' or a checkpoint directory")
     if config.output_dir is not None:
         check_writable_dir("output_dir", Path(config.output_dir))
+    if config.cache_dir is not None:
+        check_writable_dir("cache_dir", Path(config.cache_dir))
 
 
 def check_writable_dir(name: str, path: Path) -> None:

@@ -11,12 +11,14 @@ the run trained on (its --dataset, --data-dir and --max-eval-samples); flags her
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
 
 from vgg_dist.cli import FlagParser, check_positive
 from vgg_dist.data.batches import EpochBatchSampler
+from vgg_dist.data.cache import DecodeOptions
 from vgg_dist.data.sources import load_dataset
 from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
 from vgg_dist.report import accuracy, sample_count
@@ -29,7 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="a run directory (its final model.safetensors), one of its checkpoints "
                              "(RUN/checkpoints/step_N), or RUN/checkpoints/best")
-    parser.add_argument("--data-dir", help="directory of IDX files (default: the run's own data source)")
+    parser.add_argument("--data-dir", help="directory of images in any layout train.py takes (default: the run's "
+                                           "own data source)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="global evaluation batch (default: the run's --batch-size)")
     parser.add_argument("--max-eval-samples", type=int, default=None,
@@ -40,6 +43,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("batch_size", "max_eval_samples"):
         check_positive(name, getattr(args, name))
     return args
+
+
+def decode_options(info, data_dir: str | None) -> DecodeOptions:
+    """How a folder of images is decoded: as the run decoded its own (so its cache entry is found again),
+    and any other folder at the run's channels and stored size, which the model was trained on."""
+    options = DecodeOptions.from_config(info.flags)
+    if data_dir == info.flags.data_dir:
+        return options
+    return dataclasses.replace(options, channels=info.model.in_channels, data_size=info.source_image_size[0])
 
 
 @exits_cleanly_on_stop
@@ -55,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator()
     check_layout(accelerator, batch_size)
     with accelerator.main_process_first():
-        data = load_dataset(info.dataset, data_dir, tuple(info.class_names))
+        data = load_dataset(info.dataset, data_dir, tuple(info.class_names), decode_options(info, data_dir))
     if data.in_channels != spec.in_channels or len(data.class_names) != spec.num_classes:
         raise UsageError(f"--data-dir {data_dir}: its images/classes do not match the model in {args.checkpoint}")
     test = data.test.head(max_eval)

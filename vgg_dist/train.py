@@ -25,6 +25,8 @@ from accelerate import Accelerator
 
 from vgg_dist.config import TrainConfig, parse_config
 from vgg_dist.data.batches import EpochBatchSampler
+from vgg_dist.data.cache import DecodeOptions
+from vgg_dist.data.folders import IDX, detect_layout
 from vgg_dist.data.sources import ImageData, Split, border_mean, load_dataset, read_class_names
 from vgg_dist.errors import Preempted, UsageError, exit_process, exits_cleanly_on_stop
 from vgg_dist.model import ModelSpec, count_parameters
@@ -79,9 +81,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_splits(accelerator: Accelerator, config: TrainConfig) -> tuple[ImageData, dict[str, Split]]:
     """The dataset, and the splits this run uses: train, val (with --val-split) and test."""
-    with accelerator.main_process_first():  # the main process downloads, the others read its cache
+    if config.class_names and config.data_dir and detect_layout(Path(config.data_dir)) != IDX:
+        raise UsageError(f"--class-names applies to IDX files; the classes of --data-dir {config.data_dir} are its "
+                         f"own (its class folders, or its ClassLabel's names)")
+    # The main process downloads or decodes, the others read its cache.
+    with accelerator.main_process_first():
         names = read_class_names(Path(config.class_names)) if config.class_names else None
-        data = load_dataset(config.dataset, config.data_dir, names)
+        data = load_dataset(config.dataset, config.data_dir, names, DecodeOptions.from_config(config))
     train = data.train.head(config.max_train_samples)
     splits = {}
     if config.val_split:
@@ -124,9 +130,12 @@ def describe_run(accelerator: Accelerator, config: TrainConfig, spec: ModelSpec,
     data, splits = data_and_splits
     steps_per_epoch = len(splits["train"]) // config.batch_size
     return RunInfo(
-        model=spec, class_names=list(data.class_names), class_names_from=config.class_names or config.dataset,
-        dataset=config.dataset, data_source=data.source, source_image_size=list(data.train.images.shape[2:]),
-        background=border_mean(data.train.images), train_samples=len(splits["train"]),
+        model=spec, class_names=list(data.class_names),
+        class_names_from=config.class_names or (data.source if data.record else config.dataset),
+        dataset=config.dataset, data_source=data.source, data=data.record,
+        source_image_size=list(data.train.images.shape[2:]),
+        # A folder of photos shares no one background, so predict must not invert an image to match it.
+        background=None if data.record else border_mean(data.train.images), train_samples=len(splits["train"]),
         train_samples_per_epoch=steps_per_epoch * config.batch_size,
         val_samples=len(splits["val"]) if "val" in splits else None, test_samples=len(splits["test"]),
         flags=config, launch={"num_processes": accelerator.num_processes, "device": accelerator.device.type,

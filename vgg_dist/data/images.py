@@ -9,6 +9,8 @@ pixels are read.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from pathlib import Path
 
@@ -25,26 +27,69 @@ class ImageError(UsageError):
     """An image file that cannot be used; the message names the file."""
 
 
-def open_image(path: Path):
-    """The decoded image with its EXIF orientation applied; refuses anything that is not a regular,
-    readable image file of a safe size, in one line."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    if path.exists() and not path.is_file():  # a FIFO or device would block or never end
-        raise ImageError(f"{path}: not a regular file")
+# Modes whose pixels are grey levels only: a dataset of nothing else trains a 1-channel model.
+GREY_MODES = {"1", "L", "LA", "F", *WIDE_MODES}
+# EXIF orientations that turn the picture a quarter: its height and width swap once applied.
+QUARTER_TURNS = {5, 6, 7, 8}
+
+
+@contextlib.contextmanager
+def _reading(name: str):
+    """Turns whatever Pillow raises for the file called `name` into one ImageError line."""
+    from PIL import Image, UnidentifiedImageError
     try:
         with warnings.catch_warnings():
             # Pillow only warns between its pixel limit and twice that; a warning is not an answer.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                return ImageOps.exif_transpose(image)
+            yield
     except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
+        raise ImageError(f"{name}: file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: over {Image.MAX_IMAGE_PIXELS:,} pixels, too many to decode safely; "
+        raise ImageError(f"{name}: over {Image.MAX_IMAGE_PIXELS:,} pixels, too many to decode safely; "
                          f"shrink it first") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise ImageError(f"{path}: not a readable image ({str(error).splitlines()[0]})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ImageError(f"{name}: not a readable image ({reason})") from None
+
+
+def _source(path: Path, data: bytes | None):
+    """What Pillow opens: the bytes when a dataset holds them (a parquet row), else the file."""
+    if data is not None:
+        return io.BytesIO(data)
+    if path.exists() and not path.is_file():  # a FIFO or device would block or never end
+        raise ImageError(f"{path}: not a regular file")
+    return path
+
+
+def open_image(path: Path, data: bytes | None = None):
+    """The decoded image with its EXIF orientation applied; refuses anything that is not a regular,
+    readable image file of a safe size, in one line. With `data`, the image is those bytes and `path`
+    only names them."""
+    from PIL import Image, ImageOps
+    source = _source(path, data)
+    with _reading(str(path)):
+        with Image.open(source) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+
+
+def probe_image(path: Path, data: bytes | None = None) -> tuple[bool, int, int]:
+    """(whether it is grey, height, width as displayed) from the header alone: Pillow reads no pixels
+    until asked, so a dataset's channels and size are known before anything is decoded."""
+    from PIL import Image
+    source = _source(path, data)
+    with _reading(str(path)):
+        with Image.open(source) as image:
+            grey = image.mode in GREY_MODES or (image.mode in ("P", "PA") and _grey_palette(image))
+            width, height = image.size
+            if image.getexif().get(0x0112, 1) in QUARTER_TURNS:
+                width, height = height, width
+            return grey, height, width
+
+
+def _grey_palette(image) -> bool:
+    palette = image.getpalette() or []
+    return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
 
 
 def to_channels(image, channels: int) -> torch.Tensor:
@@ -72,6 +117,7 @@ def fit_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return cropped.round().clamp(0, 255).to(torch.uint8)
 
 
-def decode(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """The file at `path` as uint8 [channels, *size], ready to stack with a run's stored images."""
-    return fit_to(to_channels(open_image(path), channels), size)
+def decode(path: Path, channels: int, size: tuple[int, int], data: bytes | None = None) -> torch.Tensor:
+    """The file at `path` (or the image in `data`) as uint8 [channels, *size], ready to stack with a run's
+    stored images."""
+    return fit_to(to_channels(open_image(path, data), channels), size)

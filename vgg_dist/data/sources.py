@@ -56,7 +56,7 @@ _IDX_UBYTE = 0x08
 
 @dataclasses.dataclass
 class Split:
-    """One split: images uint8 [N, 1, H, W] and labels int64 [N]."""
+    """One split: images uint8 [N, C, H, W] (in memory, or memory-mapped from the cache) and labels int64 [N]."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -78,13 +78,28 @@ class Split:
 
 
 @dataclasses.dataclass
+class DataRecord:
+    """What config.json says about images decoded into the cache (folders, save_to_disk, parquet)."""
+
+    layout: str
+    fingerprint: str                      # the cache key: the files' paths, sizes and times, and the options
+    cache_hit: bool                       # whether this run found the images already decoded
+    cache_entry: str
+    channel_mean: list[float]             # the training split's, per channel, on a 0-1 scale
+    channel_std: list[float]
+    skipped_images: int = 0               # left out by --skip-bad-images
+    skipped_paths: list[str] = dataclasses.field(default_factory=list)  # the first few of them
+
+
+@dataclasses.dataclass
 class ImageData:
-    """A dataset's two splits and what they mean (Fashion-MNIST or MNIST)."""
+    """A dataset's two splits and what they mean."""
 
     train: Split
     test: Split
     class_names: tuple[str, ...]
     source: str  # where it came from, for the run's config
+    record: DataRecord | None = None  # None for IDX files and the Hub, which are read whole every run
 
     @property
     def in_channels(self) -> int:
@@ -231,13 +246,21 @@ def no_data_message(dataset: str, reason: str) -> str:
 
 
 def load_dataset(dataset: str, data_dir: str | os.PathLike | None,
-                 class_names: tuple[str, ...] | None = None) -> ImageData:
+                 class_names: tuple[str, ...] | None = None, options=None) -> ImageData:
     """The dataset's two splits, named by `class_names` when given (a --class-names file), else by the
-    dataset's own names."""
+    dataset's own names. A --data-dir that is not IDX files is decoded once into the cache, as
+    `options` (a cache.DecodeOptions) say; its class names are its own."""
     if dataset not in DATASETS:
         raise UsageError(f"--dataset {dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
     names = class_names or DATASETS[dataset].class_names
     if data_dir is not None:
+        from vgg_dist.data.cache import DecodeOptions, load_folder  # the cache needs this module's Split
+        from vgg_dist.data.folders import IDX, detect_layout
+        if not Path(data_dir).is_dir():
+            raise UsageError(f"--data-dir {data_dir}: not a directory")
+        layout = detect_layout(Path(data_dir))
+        if layout != IDX:
+            return load_folder(Path(data_dir), layout, options or DecodeOptions())
         return load_from_dir(Path(data_dir), names)
     return load_from_hub(dataset, names)
 

@@ -19,6 +19,7 @@ from typing import Callable
 import yaml
 
 from vgg_dist.config import TRAIN_CONFIG_NAME, TrainConfig, config_file_values
+from vgg_dist.data.sources import DataRecord
 from vgg_dist.errors import UsageError
 from vgg_dist.fields import FieldError, from_dict, short
 from vgg_dist.model import ModelSpec
@@ -50,6 +51,7 @@ class RunInfo:
     resumed_from: str | None = None
     final_metrics: EpochRecord | None = None
     weights_identical_across_ranks: bool | None = None
+    data: DataRecord | None = None        # images decoded into the cache: fingerprint, cache hit, mean and std
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)

@@ -1,0 +1,192 @@
+"""Which layout a --data-dir holds, and the list of images (with their labels) in each split.
+
+Four layouts are recognised from what the folder contains: Zalando's IDX files (read by sources.py), an
+ImageFolder tree (train/CLASS/*, test/CLASS/* or val/CLASS/*), a folder written by `datasets`'
+`save_to_disk`, and Hub-style parquet files (data/train-*.parquet, data/test-*.parquet). Nothing is
+decoded here: this module only says which bytes belong to which class, so the cache (cache.py) can
+decide whether anything needs decoding at all.
+
+Arrow and parquet files are read with pyarrow alone, their features from the schema's `huggingface`
+metadata: importing `datasets` would fix its offline setting for the whole process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from vgg_dist.errors import UsageError
+
+IDX, IMAGE_FOLDER, SAVED, PARQUET = "idx", "imagefolder", "save_to_disk", "parquet"
+TEST_NAMES = {IMAGE_FOLDER: ("test", "val"), SAVED: ("test", "validation"), PARQUET: ("test", "validation")}
+EXPECTED = ("Zalando's four IDX files (train-images-idx3-ubyte.gz, ...); an ImageFolder tree (train/CLASS/*, and "
+            "test/CLASS/* or val/CLASS/*); a `datasets` save_to_disk folder (dataset_dict.json); or Hub-style "
+            "parquet files (data/train-*.parquet, data/test-*.parquet)")
+
+
+@dataclasses.dataclass
+class SplitItems:
+    """One split's images, not yet decoded: `names` say where each is (for messages), `blobs` hold its
+    bytes when a table stores them (None: read the file `names[i]`), `labels` its class index."""
+
+    names: list[str]
+    blobs: list[bytes | None]
+    labels: list[int]
+
+
+@dataclasses.dataclass
+class FolderData:
+    layout: str
+    splits: dict[str, SplitItems]  # "train" and "test"
+    class_names: tuple[str, ...]
+
+
+def detect_layout(data_dir: Path) -> str:
+    """The layout `data_dir` holds; a UsageError that says what was found when it is none of them."""
+    from vgg_dist.data.sources import SPLIT_FILES
+    idx_names = [name for pair in SPLIT_FILES.values() for name in pair]
+    if any((data_dir / name).is_file() or (data_dir / name.removesuffix(".gz")).is_file() for name in idx_names):
+        return IDX
+    if (data_dir / "dataset_dict.json").is_file():
+        return SAVED
+    if _parquet_files(data_dir, "train"):
+        return PARQUET
+    if (data_dir / "train").is_dir() and any(path.is_dir() for path in (data_dir / "train").iterdir()):
+        return IMAGE_FOLDER
+    found = sorted(path.name + ("/" if path.is_dir() else "") for path in data_dir.iterdir())
+    listed = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "") if found else "nothing"
+    raise UsageError(f"--data-dir {data_dir}: found {listed}; expected one of: {EXPECTED}")
+
+
+def read_folder(data_dir: Path, layout: str, image_column: str | None, label_column: str | None) -> FolderData:
+    """The images of both splits and the class names, checked: an empty split or class is refused."""
+    if layout == IMAGE_FOLDER:
+        return _read_image_folder(data_dir)
+    tables = {split: _read_table(data_dir, layout, split) for split in ("train", *TEST_NAMES[layout])}
+    test_name = next((name for name in TEST_NAMES[layout] if tables[name] is not None), None)
+    if tables["train"] is None or test_name is None:
+        missing = "train" if tables["train"] is None else " or ".join(TEST_NAMES[layout])
+        raise UsageError(f"--data-dir {data_dir}: no {missing} split; it needs a train and a test split")
+    image, label = choose_columns(data_dir, tables["train"].schema, image_column, label_column)
+    names = _features(tables["train"].schema)[label].get("names") or []
+    splits = {split: _table_items(data_dir / f"{split}", tables[name], image, label)
+              for split, name in (("train", "train"), ("test", test_name))}
+    for split, items in splits.items():
+        if not items.labels:
+            raise UsageError(f"--data-dir {data_dir}: the {split} split holds no images")
+        bad = next((row for row, value in enumerate(items.labels) if not 0 <= value < len(names)), None)
+        if bad is not None:
+            raise UsageError(f"{items.names[bad]}: label {items.labels[bad]} is not one of the {len(names)} classes "
+                             f"of column {label!r}")
+    return FolderData(layout, splits, tuple(names))
+
+
+# ---- ImageFolder ----------------------------------------------------------------------------------------
+
+def image_suffixes() -> set[str]:
+    """Every file name ending that Pillow opens; anything else in a class folder (.DS_Store, notes.txt, a
+    README) is not an image and is passed over."""
+    from PIL import Image
+    Image.init()
+    return set(Image.registered_extensions())
+
+
+def _read_image_folder(data_dir: Path) -> FolderData:
+    test_dir = next((data_dir / name for name in TEST_NAMES[IMAGE_FOLDER] if (data_dir / name).is_dir()), None)
+    if test_dir is None:
+        raise UsageError(f"--data-dir {data_dir}: has train/ but no test/ or val/ folder of classes")
+    suffixes = image_suffixes()
+    train = _class_files(data_dir / "train", suffixes)
+    test = _class_files(test_dir, suffixes)
+    class_names = tuple(sorted(train))
+    unknown = sorted(set(test) - set(train))
+    if unknown:
+        raise UsageError(f"--data-dir {data_dir}: {test_dir.name}/ has classes that train/ lacks "
+                         f"({', '.join(unknown[:5])}); every test class needs training images")
+    splits = {}
+    for split, classes in (("train", train), ("test", test)):
+        files = [(path, class_names.index(name)) for name in sorted(classes) for path in classes[name]]
+        splits[split] = SplitItems([str(path) for path, _ in files], [None] * len(files), [label for _, label in files])
+    return FolderData(IMAGE_FOLDER, splits, class_names)
+
+
+def _class_files(split_dir: Path, suffixes: set[str]) -> dict[str, list[Path]]:
+    """{class name: its image files, sorted}; an empty class folder, or a split without one, is refused."""
+    classes = {}
+    for folder in sorted(path for path in split_dir.iterdir() if path.is_dir() and not path.name.startswith(".")):
+        files = sorted(path for path in folder.rglob("*")
+                       if path.suffix.lower() in suffixes and not path.name.startswith(".") and not path.is_dir())
+        if not files:
+            raise UsageError(f"{folder}: class folder holds no images; add some or remove the folder")
+        classes[folder.name] = files
+    if not classes:
+        raise UsageError(f"{split_dir}: holds no class folders, so the split has no images")
+    return classes
+
+
+# ---- save_to_disk and parquet ----------------------------------------------------------------------------
+
+def _parquet_files(data_dir: Path, split: str) -> list[Path]:
+    found = []
+    for folder in (data_dir / "data", data_dir):
+        found += sorted(folder.glob(f"{split}-*.parquet")) + sorted(folder.glob(f"{split}.parquet"))
+    return found
+
+
+def _read_table(data_dir: Path, layout: str, split: str):
+    """The split as one pyarrow Table (memory-mapped where it can be), or None when there is no such split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        if layout == PARQUET:
+            files = _parquet_files(data_dir, split)
+            return pa.concat_tables([pq.read_table(path) for path in files]) if files else None
+        split_dir = data_dir / split
+        if not (split_dir / "state.json").is_file():
+            return None
+        state = json.loads((split_dir / "state.json").read_text())
+        shards = [split_dir / entry["filename"] for entry in state["_data_files"]]
+        return pa.concat_tables([pa.ipc.open_stream(pa.memory_map(str(path))).read_all() for path in shards])
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as error:
+        raise UsageError(f"--data-dir {data_dir}: its {split} split cannot be read ({str(error).splitlines()[0]})") \
+            from None
+
+
+def _features(schema) -> dict[str, dict]:
+    """The `datasets` features a table was written with, from its schema metadata."""
+    raw = (schema.metadata or {}).get(b"huggingface")
+    try:
+        features = json.loads(raw)["info"]["features"] if raw else {}
+    except (ValueError, KeyError, TypeError):
+        features = {}
+    return {name: value for name, value in features.items() if isinstance(value, dict)}
+
+
+def choose_columns(data_dir: Path, schema, image_column: str | None, label_column: str | None) -> tuple[str, str]:
+    """(image column, label column) from the features: given by flag, or the only candidate of its kind."""
+    features = _features(schema)
+    chosen = []
+    wanted = (("Image", image_column, "--image-column"), ("ClassLabel", label_column, "--label-column"))
+    for kind, given, flag in wanted:
+        candidates = [name for name, feature in features.items() if feature.get("_type") == kind]
+        if given is not None and given not in candidates:
+            raise UsageError(f"{flag} {given}: not a{'n' if kind == 'Image' else ''} {kind} column of --data-dir "
+                             f"{data_dir}; its {kind} columns: {', '.join(candidates) or 'none'}")
+        if given is None and len(candidates) != 1:
+            which = f"several {kind} columns ({', '.join(candidates)})" if candidates else f"no {kind} column"
+            raise UsageError(f"--data-dir {data_dir}: {which}; name the one to use with {flag}")
+        chosen.append(given or candidates[0])
+    return chosen[0], chosen[1]
+
+
+def _table_items(where: Path, table, image: str, label: str) -> SplitItems:
+    """Each row's image bytes (or the file it names) and label; rows are named `<split> row N` in messages."""
+    cells = table.column(image).to_pylist()
+    labels = table.column(label).to_pylist()
+    names, blobs = [], []
+    for row, cell in enumerate(cells):
+        cell = cell or {}
+        names.append(cell.get("path") if not cell.get("bytes") and cell.get("path") else f"{where} row {row}")
+        blobs.append(cell.get("bytes") or None)
+    return SplitItems(names, blobs, [int(value) if value is not None else -1 for value in labels])
