@@ -9,6 +9,7 @@ Evaluation and prediction load from a run directory (its final weights), from on
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -61,9 +62,12 @@ def resolve_weights(path: Path) -> tuple[Path, RunInfo]:
     path = Path(path)
     if path.name == "best" and path.parent.name == checkpoint.CHECKPOINTS_DIR and not path.exists():
         best = checkpoint.best_checkpoint(path.parent)
+        if best is None and not os.path.lexists(path.parent / checkpoint.BEST_POINTER):
+            raise UsageError(f"--checkpoint {path}: {path.parent} has no {checkpoint.BEST_POINTER} yet; the run has "
+                             f"not finished an epoch with checkpoints on")
         if best is None:
             raise UsageError(f"--checkpoint {path}: no valid {checkpoint.BEST_POINTER} in {path.parent} (it must "
-                             f"name a step_N checkpoint there); the run has not finished an epoch with checkpoints on")
+                             f"name a step_N checkpoint there)")
         path = best
     if not path.is_dir():
         raise UsageError(f"--checkpoint {path}: not a directory; pass a run directory written by training, "

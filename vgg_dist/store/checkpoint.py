@@ -222,15 +222,27 @@ def best_checkpoint(checkpoints_dir: Path) -> Path | None:
     try:
         regular_file_size(checkpoints_dir / BEST_POINTER)
         name = json.loads((checkpoints_dir / BEST_POINTER).read_text())["checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, FileError):
         return None
     return checkpoints_dir / name if isinstance(name, str) and NAME.match(name) else None
 
 
+def best_pointer_problem(checkpoints_dir: Path) -> str | None:
+    """Why best.json cannot be used, when it is there; None when it is absent or names a step_N here."""
+    pointer = checkpoints_dir / BEST_POINTER
+    if not os.path.lexists(pointer) or best_checkpoint(checkpoints_dir) is not None:
+        return None
+    return (f"{pointer}: does not name a step_N checkpoint in {checkpoints_dir}; restore it, or remove it and "
+            f"the next epochs choose the best again")
+
+
 def rotate(checkpoints_dir: Path, keep_last: int) -> None:
     """Delete committed checkpoints beyond the newest `keep_last`, never the best one. Call only after
-    the newest checkpoint is committed, so a crash here cannot leave fewer than `keep_last`."""
+    the newest checkpoint is committed, so a crash here cannot leave fewer than `keep_last`. While a
+    best.json is there that names no checkpoint, nothing is deleted: the best one is not known."""
     best = best_checkpoint(checkpoints_dir)
+    if best is None and os.path.lexists(checkpoints_dir / BEST_POINTER):
+        return
     for path in list_checkpoints(checkpoints_dir, committed=True)[:-keep_last] if keep_last > 0 else []:
         if path != best:
             shutil.rmtree(path)

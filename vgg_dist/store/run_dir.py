@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,6 +25,7 @@ from vgg_dist.errors import UsageError
 from vgg_dist.store import checkpoint
 from vgg_dist.store.artifacts import WEIGHTS_NAME, save_weights
 from vgg_dist.store.checkpoint import CHECKPOINTS_DIR, RunIdentity
+from vgg_dist.store.files import FileError
 from vgg_dist.store.lock import LOCK_NAME, RunLock
 from vgg_dist.store.run_files import CONFIG_NAME, CURVE_NAME, METRICS_NAME, PICTURES, REPORT_NAME, RunFiles, RunInfo
 from vgg_dist.training.dist import say
@@ -48,13 +50,23 @@ def _inside_checkpoints(path: Path) -> Path | None:
     return None
 
 
+def _compile_cache_entry(path: Path) -> str | None:
+    """The entry of `path` that holds $TORCHINDUCTOR_CACHE_DIR, when the user put the compiler's cache in
+    the run directory: the compiler creates it, so it belongs there as much as the run's own files."""
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not cache:
+        return None
+    inside = Path(cache).absolute().parts[len(path.absolute().parts):]
+    return inside[0] if Path(cache).absolute().is_relative_to(path.absolute()) and inside else None
+
+
 def _not_a_run(path: Path) -> str | None:
     """Why `path` is not a run's own directory (None if it is one, or empty): the first entry no run
     writes, or a run's file without the config.json every run writes first. Temporary files and a lock
     are what an interrupted run leaves, and are its own."""
     entries = [entry.name for entry in sorted(path.iterdir())] if path.is_dir() else []
     runs_own = [name for name in entries if not name.startswith(LOCK_NAME)
-                and not (name.startswith(".") and name.endswith(".tmp"))]
+                and not (name.startswith(".") and name.endswith(".tmp")) and name != _compile_cache_entry(path)]
     foreign = next((name for name in runs_own if name not in RUN_NAMES), None)
     if foreign is not None:
         return f"holds {foreign!r}, which no vgg_dist run writes"
@@ -90,6 +102,7 @@ def _path_for_checkpoint(config: TrainConfig) -> Path:
 
 
 def _refuse_inside_checkpoints(path: Path) -> None:
+    """A run directory is never inside a run's checkpoints, a checkpoint, or another run."""
     run = _inside_checkpoints(path)
     if run is not None:
         raise UsageError(f"--output-dir {path} is inside the checkpoints of run {run}; a run directory never is")
@@ -97,6 +110,10 @@ def _refuse_inside_checkpoints(path: Path) -> None:
     for directory in [resolved, *resolved.parents]:
         if (directory / checkpoint.MANIFEST).is_file():
             raise UsageError(f"--output-dir {path} is inside the checkpoint {directory}; a run directory never is")
+    for parent in resolved.parents:
+        if (parent / CONFIG_NAME).is_file() and (parent / CHECKPOINTS_DIR).is_dir():
+            raise UsageError(f"--output-dir {path} is inside the run {parent}, which --resume auto would then "
+                             f"refuse to continue; choose a directory outside it")
 
 
 def choose_path(config: TrainConfig) -> Path:
@@ -235,6 +252,9 @@ class Store:
 
         def tidy() -> None:
             kept = self.files.records_to_keep(progress.epoch, progress.global_step)  # all read before any write
+            problem = checkpoint.best_pointer_problem(self.checkpoints_dir)
+            if problem:  # rotation would not know which checkpoint to spare
+                raise FileError(problem)
             for leftover in checkpoint.clean_leftovers(self.checkpoints_dir):
                 print(f"removed {leftover}, left by an interrupted save", flush=True)
             self.files.keep(kept)

@@ -3,6 +3,7 @@ augmenter, and torch.compile with its cache; each refusing, before any work, wha
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -117,15 +118,29 @@ def compile_cache_dir() -> Path:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         os.environ[COMPILE_CACHE_VARIABLE] = str(base / "vgg_dist" / "torchinductor")
     path = Path(os.environ[COMPILE_CACHE_VARIABLE])
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError("not writable")
-    except OSError as error:
-        raise UsageError(f"the torch.compile cache {path} cannot be used ({getattr(error, 'strerror', None) or error}); "
-                         f"set {COMPILE_CACHE_VARIABLE} (or XDG_CACHE_HOME) to a writable directory, or pass "
-                         f"--no-compile") from None
+    problem = _unusable_directory(path)
+    if problem:
+        raise UsageError(f"the torch.compile cache {path} cannot be used ({problem}); set {COMPILE_CACHE_VARIABLE} "
+                         f"(or XDG_CACHE_HOME) to a writable directory, or pass --no-compile")
     return path
+
+
+def _unusable_directory(path: Path) -> str | None:
+    """Why `path` cannot be created and written. What this creates to find out, it removes again: the
+    compiler makes the directory when it first needs it, and a run refused later leaves nothing behind."""
+    missing = [directory for directory in [path.absolute(), *path.absolute().parents] if not os.path.lexists(directory)]
+    try:
+        for directory in reversed(missing):
+            directory.mkdir()
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{path} is not writable"
+    except OSError as error:
+        return error.strerror or str(error)
+    finally:
+        for directory in missing:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+    return None
 
 
 def settle_compile_cache(config: TrainConfig, device: torch.device) -> None:
@@ -137,14 +152,7 @@ def settle_compile_cache(config: TrainConfig, device: torch.device) -> None:
         compile_cache_dir()
         return
     given = os.environ.get(COMPILE_CACHE_VARIABLE)
-    if given is None:
-        return
-    try:
-        Path(given).mkdir(parents=True, exist_ok=True)
-        usable = os.access(given, os.W_OK | os.X_OK)
-    except OSError:
-        usable = False
-    if not usable:
+    if given is not None and _unusable_directory(Path(given)):
         os.environ[COMPILE_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="vgg_dist-inductor-")
 
 
