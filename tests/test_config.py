@@ -182,3 +182,19 @@ def test_a_long_value_is_shortened_in_the_message(tmp_path):
 @pytest.mark.parametrize("target, message", [("/dev/null", "not a regular file"), (".", "not a regular file")])
 def test_a_config_that_is_not_a_regular_file_is_refused(target, message):
     assert refusal("--config", target) == f"--config {target}: {message}"
+
+
+def test_help_shows_each_flags_default_and_a_recipes_own_values():
+    import contextlib
+    import io
+    for flags, shown in ((["--help"], "(default: 10)"), (["--recipe", "fast", "--help"], "(default: 15)")):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            parse_config(flags, prog="train", description="test")
+        epochs = out.getvalue().split("--epochs EPOCHS")[-1].split("--")[0]
+        assert shown in " ".join(epochs.split()), epochs
+
+
+def test_class_names_that_are_not_a_file_say_so(tmp_path):
+    assert refusal("--class-names", str(tmp_path)) == f"--class-names {tmp_path}: not a regular file; give a " \
+                                                       f"text file with one class name per line"

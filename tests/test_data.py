@@ -306,3 +306,10 @@ def test_a_run_records_its_class_names_and_where_they_came_from(tmp_path, tiny_d
         recorded[name] = (config["class_names"][:2], config["class_names_from"])
     assert recorded == {"file": (["zero", "one"], str(names)), "mnist": (["0", "1"], "mnist"),
                         "default": (["T-shirt/top", "Trouser"], "fashion_mnist")}
+
+
+def test_a_thin_sliver_is_cropped_before_it_is_resized():
+    from vgg_dist.data.images import fit_to
+    sliver = torch.arange(5_000_000, dtype=torch.int64).remainder(256).to(torch.uint8).view(1, 1, 5_000_000)
+    fitted = fit_to(sliver, (28, 28))  # resized first, this would allocate about 15 GB
+    assert fitted.shape == (1, 28, 28)

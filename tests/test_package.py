@@ -43,7 +43,8 @@ def test_train_help_is_grouped_and_holds_no_measured_figures():
                             cwd=REPO, timeout=120)
     headings = [line[:-1] for line in result.stdout.splitlines() if line and not line[0].isspace() and line.endswith(":")]
     assert headings[:1] == ["options"] and set(headings[1:]) == {
-        "data", "model", "optimisation", "augmentation", "evaluation", "distributed", "checkpoints", "output", "speed"}
+        "recipe", "data", "model", "optimisation", "augmentation", "evaluation", "distributed", "checkpoints",
+        "output", "speed"}
     for figure in ("% slower", "% faster", "images/s", "examples/sec", "measured"):
         assert figure not in result.stdout, figure
 

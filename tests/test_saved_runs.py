@@ -212,3 +212,40 @@ def test_a_disk_that_is_full_before_the_first_run_file_is_one_line_too(tiny_data
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"no space left on the device holding {run_dir}: writing " in result.stderr
     assert not (run_dir / ".vgg_dist.lock").exists() and not list(run_dir.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("pointer", ['{"checkpoint": "step_00000', "[1, 2]", '{"checkpoint": "../../r1/step_0000004"}'])
+def test_an_unreadable_best_json_is_refused_on_resume_and_never_costs_the_best_checkpoint(finished_run, tiny_data,
+                                                                                           tmp_path, pointer):
+    from vgg_dist.store import checkpoint
+    run_dir = _stopped_after_epoch_one(finished_run, tmp_path / "run")
+    (run_dir / "checkpoints" / "best.json").write_text(pointer)
+    before, entries = directory_bytes(run_dir), listing(run_dir)
+    stderr = refused(tiny_data, "--output-dir", str(run_dir), "--resume", "auto")
+    assert f"{run_dir / 'checkpoints' / 'best.json'}: does not name a step_N checkpoint" in stderr
+    assert directory_bytes(run_dir) == before and listing(run_dir) == entries
+    checkpoint.rotate(run_dir / "checkpoints", keep_last=1)  # and rotation alone deletes nothing either
+    assert listing(run_dir) == entries
+
+
+def test_no_run_is_written_inside_another_run(finished_run, tiny_data, tmp_path):
+    run_dir = shutil.copytree(finished_run, tmp_path / "run")
+    before = listing(run_dir)
+    stderr = refused(tiny_data, "--output-dir", str(run_dir / "sub"))
+    assert f"--output-dir {run_dir / 'sub'} is inside the run {run_dir}" in stderr
+    assert listing(run_dir) == before
+
+
+def test_a_compile_cache_inside_the_run_directory_is_left_alone_by_a_refusal_and_kept_by_a_resume(
+        finished_run, tiny_data, tmp_path, monkeypatch):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(occupied / "cache"))
+    refused(tiny_data, "--output-dir", str(occupied))
+    assert sorted(p.name for p in occupied.iterdir()) == ["notes.txt"]  # the refused run created nothing
+    run_dir = _stopped_after_epoch_one(finished_run, tmp_path / "run")
+    (run_dir / "cache").mkdir()  # what the compiler makes on import
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(run_dir / "cache"))
+    _, stdout, _ = train_here(tmp_path, tiny_data, *ARGS, "--resume", "auto", name="run")
+    assert "resumed from" in stdout

@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -32,7 +33,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 MAX_LR = 3.4028234663852886e38   # the optimizer multiplies float32 gradients by it
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 # --help shows the flags in these groups, in this order.
-GROUPS = ("data", "model", "optimisation", "augmentation", "evaluation", "distributed", "checkpoints", "output",
+GROUPS = ("recipe", "data", "model", "optimisation", "augmentation", "evaluation", "distributed", "checkpoints", "output",
           "speed")
 
 
@@ -47,7 +48,7 @@ class TrainConfig:
     Everything beyond the chapter is off by default; named recipes (--recipe) switch it on.
     """
 
-    recipe: str = _field("chapter", "optimisation", "a named set of flag values; any flag given as well "
+    recipe: str = _field("chapter", "recipe", "a named set of flag values; any flag given as well "
                                                     "overrides the recipe's value (see 'recipes' below)")
     data_dir: str | None = _field(None, "data", "directory of images: Zalando's four IDX files, an ImageFolder tree "
                                                 "(train/CLASS/*, test/CLASS/* or val/CLASS/*), a `datasets` "
@@ -215,7 +216,7 @@ def build_parser(prog: str, description: str, with_defaults: bool = True) -> arg
             if "const" in field.metadata:  # the flag alone means this value: --pretrained, --pretrained PATH
                 options.update(nargs="?", const=field.metadata["const"])
         groups[field.metadata["group"]].add_argument(flag(field.name), **options)
-    groups["optimisation"].add_argument(
+    groups["recipe"].add_argument(
         "--config", metavar="FILE", help=f"YAML file of flag values; it overrides the recipe, flags given here "
                                          f"override both; every run writes one as {TRAIN_CONFIG_NAME}")
     return parser
@@ -232,7 +233,10 @@ def parse_config(argv: list[str] | None, prog: str, description: str) -> TrainCo
     the config file's `recipe`, or the chapter's), the defaults. A recipe's warm-up is a share of its
     length: shortening or lengthening the recipe with --epochs scales it, unless --warmup-epochs is given.
     """
-    given = vars(build_parser(prog, description, with_defaults=False).parse_args(argv))
+    # Which flags were given, to layer them over a config file and a recipe. --help is left to the second
+    # parser, whose defaults are the recipe's: that is what the help should show.
+    flags_only = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg not in ("-h", "--help")]
+    given = vars(build_parser(prog, description, with_defaults=False).parse_args(flags_only))
     from_file = read_config_file(Path(given["config"]), "--config") if "config" in given else {}
     recipe = given.get("recipe") or from_file.get("recipe") or TrainConfig.recipe
     if recipe not in recipe_names():
@@ -371,8 +375,9 @@ def _validate_paths(config: TrainConfig) -> None:
         raise UsageError(f"--data-dir {config.data_dir}: not a directory; point it at a folder of images "
                          f"(see --help)")
     if config.class_names is not None and not Path(config.class_names).is_file():
-        raise UsageError(f"--class-names {config.class_names}: file not found; give a text file with one class "
-                         f"name per line")
+        what = "not a regular file" if Path(config.class_names).exists() else "file not found"
+        raise UsageError(f"--class-names {config.class_names}: {what}; give a text file with one class name per "
+                         f"line")
     for tracker in ("wandb", "tensorboard"):
         if config.report_to in (tracker, "all") and importlib.util.find_spec(tracker) is None:
             raise UsageError(f"--report-to {config.report_to} needs the {tracker} package: pip install {tracker}")

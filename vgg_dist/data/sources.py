@@ -166,7 +166,7 @@ def read_split(data_dir: Path, split: str, num_classes: int) -> Split:
         raise UsageError(f"{images_path}: holds no images")
     if int(labels.max()) >= num_classes:
         raise UsageError(f"{labels_path}: label {int(labels.max())} is not below the {num_classes} classes "
-                         f"of this dataset; is it the right file?")
+                         f"named; is it the right file, or does --class-names list too few names?")
     return Split(images.unsqueeze(1), labels.long())
 
 

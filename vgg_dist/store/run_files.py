@@ -138,6 +138,6 @@ class RunFiles:
                     self.say(f"dropped the torn last line of {path} (a crash mid-write); the checkpoint "
                              f"holds what it recorded")
                     break
-                raise FileError(f"{path}: line {number} is not a {kind.__name__} ({short(str(error))}); restore "
+                raise FileError(f"{path}: line {number} is not a readable record ({short(str(error))}); restore "
                                 f"the file or move the run aside") from None
         return records
