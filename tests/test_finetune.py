@@ -11,7 +11,7 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from conftest import TINY_MODEL, read_metrics, read_weights, saved_state, train_here
+from conftest import TINY_MODEL, read_metrics, read_weights, saved_state, train, train_here
 from vgg_dist.config import parse_config
 from vgg_dist.model import ModelSpec, build_model, feature_layers
 from vgg_dist.store import checkpoint
@@ -61,6 +61,15 @@ def test_frozen_features_stay_bitwise_while_the_classifier_moves(frozen_run):
     assert classifier and all(not torch.equal(end[name], start[name]) for name in classifier)
     groups = saved_groups(checkpoint.list_checkpoints(frozen_run / "checkpoints")[-1])
     assert sum(len(group["params"]) for group in groups) == len(classifier)  # the features are not in it at all
+
+
+def test_frozen_features_stay_bitwise_on_two_processes_with_global_batchnorm(tmp_path, tiny_data):
+    """Two processes swap in BatchNorm layers that share statistics across them; freezing comes after, and
+    those layers too stay in eval mode."""
+    run_dir, _ = train(tmp_path, tiny_data, *ARGS, "--freeze-features", "--epochs", "1", num_processes=2)
+    (start, features), end = initial_weights(run_dir), read_weights(run_dir)
+    assert all(torch.equal(end[name], start[name]) for name in features)
+    assert not torch.equal(end["12.weight"], start["12.weight"])
 
 
 def test_the_feature_groups_get_their_share_of_the_rate_after_a_step():
