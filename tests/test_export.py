@@ -171,3 +171,24 @@ def test_a_hub_repo_id_is_fetched_with_the_mixins_options_and_loaded_like_a_fold
     assert asked["repo_id"] == "someone/fashion-vgg" and asked["revision"] == "v1"
     images = stored_images(2)
     torch.testing.assert_close(model.predict(images), VGG.from_pretrained(ema_run).predict(images), atol=0, rtol=0)
+
+
+def test_the_export_benchmark_writes_its_figures_on_tiny_models(tmp_path):
+    """A smoke test of `python -m vgg_dist.bench_export` (no timing is asserted): its JSON holds the
+    inference comparison at batch 1 and 64 and each format's export time."""
+    from vgg_dist import bench_export
+    out = tmp_path / "bench.json"
+    code, stdout, stderr = run_main(bench_export.main, ["--shrink", "--min-seconds", "0.01", "--json", str(out)])
+    assert code == 0, stderr
+    report = json.loads(out.read_text())
+    assert report["torch"] and report["onnxruntime"] and report["cpu"] and report["shrink"] is True
+    inference = report["inference"]
+    assert inference["model"]["image_size"] == 32 and inference["model"]["batch_norm"] is True
+    assert {(row["threads"], row["batch_size"]) for row in inference["rows"]} >= {(1, 1), (1, 64)}
+    for row in inference["rows"]:
+        assert row["pytorch_eager_images_per_sec"] > 0 and row["onnxruntime_images_per_sec"] > 0
+    exports = report["export"]
+    assert exports["model"]["image_size"] == 224 and exports["model"]["batch_norm"] is False
+    for fmt in ("onnx", "exported", "hub"):
+        assert exports[fmt]["export_seconds"] > 0 and exports[fmt]["bytes"] > 0, fmt
+    assert "ONNX Runtime" in stdout and "hub" in stdout

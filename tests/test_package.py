@@ -12,7 +12,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "vgg_dist"
 COMMANDS = ["vgg_dist.train", "vgg_dist.evaluate", "vgg_dist.predict", "vgg_dist.bench", "vgg_dist.model",
-            "vgg_dist.export"]
+            "vgg_dist.export", "vgg_dist.bench_export"]
 MAX_FUNCTION_LINES = 60
 MAX_PARAMETERS = 6  # `self` and `cls` not counted; a keyword-only dataclass counts as one
 

@@ -92,6 +92,12 @@ class TrainConfig:
                                                    ".safetensors). Needs --width-divisor 1 and --hidden-size 4096; "
                                                    "the last layer starts fresh (docs/pretrained.md)",
                                     const=TORCHVISION, metavar="PATH")
+    freeze_features: bool = _field(False, "model", "train only the classifier: the convolutions' weights are left "
+                                                   "out of the optimizer and their BatchNorm layers stay in eval "
+                                                   "mode, so their running statistics do not change either")
+    feature_lr_scale: float = _field(1.0, "optimisation", "the convolutions learn at F times the learning rate "
+                                                          "(the classifier at --lr): their own parameter groups, "
+                                                          "following the same schedule", metavar="F")
     epochs: int = _field(10, "optimisation", "passes over the training set")
     batch_size: int = _field(128, "optimisation", "GLOBAL batch size, split evenly across processes, so 1 and N "
                                                   "processes take the same optimizer steps")
@@ -365,9 +371,20 @@ def _validate_numbers(config: TrainConfig) -> None:
         _check_range(name, getattr(config, name), 0, 1, high_open=high_open)
     if config.clip_grad_norm is not None and not (math.isfinite(config.clip_grad_norm) and config.clip_grad_norm > 0):
         raise UsageError(f"--clip-grad-norm must be a positive number, got {config.clip_grad_norm}")
+    _validate_fine_tuning(config)
     if not (math.isfinite(config.warmup_epochs) and 0 <= config.warmup_epochs <= config.epochs):
         raise UsageError(f"--warmup-epochs {config.warmup_epochs} must be between 0 and --epochs "
                          f"{config.epochs}: the warm-up cannot be longer than the run")
+
+
+def _validate_fine_tuning(config: TrainConfig) -> None:
+    if not (math.isfinite(config.feature_lr_scale) and 0 < config.feature_lr_scale
+            and config.feature_lr_scale * config.lr <= MAX_LR):
+        raise UsageError(f"--feature-lr-scale must be a positive number (the convolutions' share of --lr), got "
+                         f"{config.feature_lr_scale}")
+    if config.freeze_features and config.feature_lr_scale != 1.0:
+        raise UsageError(f"--feature-lr-scale {config.feature_lr_scale} has nothing to scale with --freeze-features "
+                         f"(the convolutions do not train); leave one of them out")
 
 
 def _validate_paths(config: TrainConfig) -> None:

@@ -153,6 +153,13 @@ def build_model(spec: ModelSpec, fusable_pool: bool = False) -> nn.Sequential:
     return model
 
 
+def feature_layers(model: nn.Sequential) -> nn.Sequential:
+    """The convolutional blocks of a model `build_model` made (everything before the Flatten), sharing its
+    modules: what --freeze-features freezes and --feature-lr-scale scales."""
+    flatten = next(index for index, layer in enumerate(model) if isinstance(layer, nn.Flatten))
+    return model[:flatten]
+
+
 def _xavier_init(module: nn.Module) -> None:
     # As the chapter: Xavier-uniform weights for conv and linear layers, PyTorch's default biases.
     if isinstance(module, (nn.Linear, nn.Conv2d)):

@@ -341,9 +341,21 @@ def _check_same_run(path: Path, saved: SavedState, identity: RunIdentity) -> Non
         raise CheckpointError(f"{path}: follows the learning-rate schedule {short(saved.lr_schedule)}, this run "
                               f"{identity.schedule.describe()}; pass the same --lr, --lr-schedule, --warmup-epochs "
                               f"and --epochs so the resumed run continues the same curve")
+    _check_fine_tuning(path, saved, config)
     if (path / EMA_FILE).exists() != config.model_ema:
         had = "with" if (path / EMA_FILE).exists() else "without"
         raise CheckpointError(f"{path}: was trained {had} --model-ema; resume {had} it")
+
+
+def _check_fine_tuning(path: Path, saved: SavedState, config: TrainConfig) -> None:
+    """Which parameters train, and at what share of the rate, is fixed for a run: another value would change
+    the optimizer's groups (and with --freeze-features, the BatchNorm statistics) midway."""
+    if saved.flags.freeze_features != config.freeze_features:
+        had = "with" if saved.flags.freeze_features else "without"
+        raise CheckpointError(f"{path}: was trained {had} --freeze-features; resume {had} it")
+    if saved.flags.feature_lr_scale != config.feature_lr_scale:
+        raise CheckpointError(f"{path}: was trained with --feature-lr-scale {short(saved.flags.feature_lr_scale)}, "
+                              f"not {config.feature_lr_scale}; pass the same value so the convolutions keep their rate")
 
 
 def _check_progress(path: Path, saved: SavedState, identity: RunIdentity) -> None:

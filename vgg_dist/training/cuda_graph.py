@@ -48,8 +48,9 @@ class GraphedUpdate:
         self.update, self.optimizer, self.device, self.record = update, optimizer, device, record
         self.eager_steps_left = EAGER_STEPS
         self.replay: Callable[[], None] | None = None
-        # The optimizer reads its learning rate from here inside the recording (float32, as fused SGD wants).
-        self.lr = torch.zeros((), dtype=torch.float32, device=device)
+        # The optimizer reads its learning rates from here inside the recording (float32, as fused SGD wants):
+        # one per parameter group, since --feature-lr-scale gives the convolutions' groups their own.
+        self.lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in optimizer.param_groups]
         self.inputs: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None] | None = None
         self.outputs: tuple[torch.Tensor, ...] | None = None
 
@@ -70,12 +71,13 @@ class GraphedUpdate:
             static_labels.copy_(labels, non_blocking=True)
             for name, values in (draws or {}).items():
                 static_draws[name].copy_(values, non_blocking=True)
-        self.lr.fill_(self.optimizer.param_groups[0]["lr"])  # set_learning_rate gives every group the same
+        for lr, group in zip(self.lrs, self.optimizer.param_groups):  # set_learning_rate's per-group values
+            lr.fill_(group["lr"])
         self.replay()
         return self.outputs
 
     def _recorded_step(self) -> None:
-        with learning_rate_from(self.optimizer, self.lr):
+        with learning_rate_from(self.optimizer, self.lrs):
             outputs = self.update(*self.inputs)
         for static, output in zip(self.outputs, outputs):
             static.copy_(output)
@@ -93,11 +95,11 @@ class GraphedUpdate:
 
 
 @contextlib.contextmanager
-def learning_rate_from(optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> Iterator[None]:
-    """Inside the block the optimizer reads its learning rate from the tensor `lr`, so a recorded step
-    reads it at every replay; outside it the groups hold plain numbers again (for checkpoints)."""
+def learning_rate_from(optimizer: torch.optim.Optimizer, lrs: list[torch.Tensor]) -> Iterator[None]:
+    """Inside the block each parameter group reads its learning rate from its tensor in `lrs`, so a recorded
+    step reads them at every replay; outside it the groups hold plain numbers again (for checkpoints)."""
     saved = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
+    for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     try:
         yield

@@ -92,7 +92,7 @@ def fit(state: TrainState, run: Run) -> Result:
         if state.accelerator.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(state.accelerator.device)
         bar = open_progress_bar(state, run)
-        state.model.train()
+        train_mode(state.model, config.freeze_features)
         for images, labels in run.train_loader:
             loss = train_step(state, run, update, images, labels)
             watch.record(loss, progress.global_step)
@@ -109,6 +109,19 @@ def fit(state: TrainState, run: Run) -> Result:
         result.trained_samples += steps_run * config.batch_size
         result.train_seconds += record.seconds if steps_run else 0.0
     return result
+
+
+def train_mode(model: torch.nn.Module, freeze_features: bool) -> None:
+    """Training mode, except that frozen features keep their BatchNorm layers in eval mode: in training mode
+    they would normalise by each batch's statistics and update their running ones, so the features would
+    change although their weights do not, and the running statistics saved would no longer be those the
+    frozen weights came with (the pretrained ones). All of VGG's BatchNorm layers are in its features; the
+    wrapped model (DDP, torch.compile) holds the same layer objects, so setting them on it is enough."""
+    model.train()
+    if freeze_features:
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+                layer.eval()
 
 
 def make_update(state: TrainState, run: Run) -> Update:

@@ -13,34 +13,56 @@ import math
 
 import torch
 
+from vgg_dist.model import feature_layers
+
 SCHEDULES = ("constant", "cosine", "onecycle")
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: torch.nn.Module, weight_decay: float, feature_lr_scale: float = 1.0) -> list[dict]:
     """The model's trainable parameters, with weight decay only on weights, none on biases or BatchNorm
-    (one-dimensional parameters), as the reference recipes do for SGD and AdamW alike."""
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    (one-dimensional parameters), as the reference recipes do for SGD and AdamW alike.
+
+    With a `feature_lr_scale` other than 1 the convolutional blocks get groups of their own, whose
+    "lr_scale" `set_learning_rate` multiplies the schedule's rate by. At 1 the groups are exactly those of
+    runs from before the option, so their checkpoints' optimizer state still lines up parameter by parameter."""
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if feature_lr_scale == 1.0:
+        return _decay_groups(trainable, weight_decay)
+    in_features = {id(parameter) for parameter in feature_layers(model).parameters()}
+    features = [parameter for parameter in trainable if id(parameter) in in_features]
+    classifier = [parameter for parameter in trainable if id(parameter) not in in_features]
+    return [{**group, "lr_scale": scale}
+            for parameters, scale in ((features, feature_lr_scale), (classifier, 1.0)) if parameters
+            for group in _decay_groups(parameters, weight_decay)]
+
+
+def _decay_groups(parameters: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
     if not weight_decay:
         return [{"params": parameters}]
     return [{"params": [p for p in parameters if p.dim() > 1], "weight_decay": weight_decay},
             {"params": [p for p in parameters if p.dim() <= 1], "weight_decay": 0.0}]
 
 
-def make_sgd(model: torch.nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float,
+def _groups(model: torch.nn.Module | list[dict], weight_decay: float) -> list[dict]:
+    """A model's `parameter_groups`, or groups already made (with a feature learning-rate scale)."""
+    return model if isinstance(model, list) else parameter_groups(model, weight_decay)
+
+
+def make_sgd(model: torch.nn.Module | list[dict], lr: float, momentum: float, nesterov: bool, weight_decay: float,
              fused: bool) -> torch.optim.SGD:
-    """SGD over the model's parameters, weight decay as an L2 term in the gradient. `fused`: one kernel for
-    the whole update on a GPU instead of one per parameter."""
-    return torch.optim.SGD(parameter_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov,
+    """SGD over the model's parameters (or over `parameter_groups` already made), weight decay as an L2 term
+    in the gradient. `fused`: one kernel for the whole update on a GPU instead of one per parameter."""
+    return torch.optim.SGD(_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov,
                            **({"fused": True} if fused else {"foreach": True}))
 
 
-def make_adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
+def make_adamw(model: torch.nn.Module | list[dict], lr: float, betas: tuple[float, float], weight_decay: float,
                fused: bool) -> torch.optim.AdamW:
-    """AdamW (Loshchilov and Hutter): weight decay decoupled from the gradient's moments, each step
-    multiplying the weights by 1 - lr x weight_decay, as PyTorch's AdamW and timm define it; none on biases
-    or BatchNorm."""
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas, weight_decay=weight_decay,
+    """AdamW (Loshchilov and Hutter) over the model's parameters (or `parameter_groups` already made):
+    weight decay decoupled from the gradient's moments, each step multiplying the weights by
+    1 - lr x weight_decay, as PyTorch's AdamW and timm define it; none on biases or BatchNorm."""
+    return torch.optim.AdamW(_groups(model, weight_decay), lr=lr, betas=betas, weight_decay=weight_decay,
                              **({"fused": True} if fused else {"foreach": True}))
 
 
@@ -80,8 +102,11 @@ class LRSchedule:
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's `lr` times each group's "lr_scale" (--feature-lr-scale; groups without one, as in
+    checkpoints from before it, are at 1). Plain Python numbers: with --cuda-graphs, GraphedUpdate copies
+    each group's value into the tensor its recording reads, so nothing here runs inside a capture."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class ModelEMA:

@@ -16,10 +16,10 @@ from vgg_dist.config import TrainConfig
 from vgg_dist.data.augment import Augmentation, BatchAugmenter
 from vgg_dist.data.mix import Mixing
 from vgg_dist.errors import UsageError
-from vgg_dist.model import ModelSpec, build_model
+from vgg_dist.model import ModelSpec, build_model, feature_layers
 from vgg_dist.pretrained import load_pretrained
 from vgg_dist.training import sync_batchnorm
-from vgg_dist.training.optim import LRSchedule, make_adamw, make_sgd
+from vgg_dist.training.optim import LRSchedule, make_adamw, make_sgd, parameter_groups
 
 # fp32 copies of every parameter while training: weights, gradients, momentum, and the EMA's weights;
 # AdamW keeps two moments where SGD keeps one momentum.
@@ -37,6 +37,8 @@ def build_model_and_optimizer(accelerator: Accelerator, config: TrainConfig,
         load_pretrained(model, spec, config.pretrained, accelerator.main_process_first)
     if config.batch_norm and config.sync_bn and accelerator.num_processes > 1:
         model = sync_batchnorm.synchronise(model, accelerator.device)
+    if config.freeze_features:  # after synchronise, whose new BatchNorm layers would require gradients again
+        feature_layers(model).requires_grad_(False)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     on_gpu = accelerator.device.type == "cuda"
@@ -46,10 +48,12 @@ def build_model_and_optimizer(accelerator: Accelerator, config: TrainConfig,
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool) -> torch.optim.Optimizer:
-    """--optimizer's optimizer over the bare model's parameters."""
+    """--optimizer's optimizer over the bare model's trainable parameters (not the frozen features), the
+    convolutions in groups of their own with --feature-lr-scale."""
+    groups = parameter_groups(model, config.weight_decay, config.feature_lr_scale)
     if config.optimizer == "adamw":
-        return make_adamw(model, config.lr, (config.beta1, config.beta2), config.weight_decay, fused)
-    return make_sgd(model, config.lr, config.momentum, config.nesterov, config.weight_decay, fused)
+        return make_adamw(groups, config.lr, (config.beta1, config.beta2), config.weight_decay, fused)
+    return make_sgd(groups, config.lr, config.momentum, config.nesterov, config.weight_decay, fused)
 
 
 def check_fits_in_memory(spec: ModelSpec, device: torch.device, copies: int = TRAINING_COPIES["sgd"]) -> None:
