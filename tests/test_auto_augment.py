@@ -21,11 +21,13 @@ from vgg_dist.errors import UsageError
 CPU = torch.device("cpu")
 TRIVIAL = AutoAugment("trivial")
 RAND = parse_policy("rand-m9-n2")
-# Measured on a CPU against torchvision 0.29 with every bin of both policies, both signs: shear, translate,
-# rotate, brightness, contrast, posterize, solarize, autocontrast and equalize give torchvision's values
-# exactly; sharpness, and color on 3 channels, differ by 1 grey level on a few pixels (the blend's float32
-# rounding before truncation). Geometric ops use torchvision's pixel grid and matrices, so a grey level
-# could only differ where a sample point falls on a pixel boundary: allowed on at most this share of pixels.
+# Measured on a CPU against torchvision 0.29 with every bin of both policies, both signs: on 28x28 images
+# every operation but two gives torchvision's values exactly; sharpness, and color on 3 channels, differ
+# by 1 grey level on a few pixels (the blend's float32 rounding before truncation). Geometric operations
+# use torchvision's pixel grid and matrices, but a matrix entry computed on the device can round to the
+# other neighbouring float32 (torch's tan/atan versus Python's math), which moves a nearest sample that sits
+# on a pixel boundary to the next pixel: on 24x40 images, RandAugment's shear_x by +-0.28 differs on 3 and
+# 2 of 960 pixels (by any number of grey levels). Allowed on at most this share of a geometric op's pixels:
 GEOMETRIC_SHARE = 0.005
 
 
@@ -62,27 +64,28 @@ def test_magnitude_tables_are_torchvisions():
                     assert torch.equal(levels[index], expected.float()), (policy.policy, name)
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_each_operation_matches_torchvision(channels):
+@pytest.mark.parametrize("channels, size", [(1, (28, 28)), (3, (28, 28)), (1, (24, 40))])
+def test_each_operation_matches_torchvision(channels, size):
     """Every bin of both policies, both signs where signed, one image per magnitude in one batch (so the
     per-image parameters are exercised too); plain random images and low-contrast ones."""
     torch.manual_seed(channels)
     worst = {}
     for policy in (RAND, TRIVIAL):
-        levels = policy.levels(28, 28, CPU)
+        levels = policy.levels(*size, CPU)
         for index, name in enumerate(OPS):
             signed = name in GEOMETRIC or name in ("brightness", "color", "contrast", "sharpness")
             magnitudes = torch.cat([levels[index], -levels[index]]) if signed else levels[index]
-            images = torch.randint(0, 256, (len(magnitudes), channels, 28, 28), dtype=torch.uint8)
+            images = torch.randint(0, 256, (len(magnitudes), channels, *size), dtype=torch.uint8)
             images[::3] = images[::3] // 4 + 60
             ours = apply_ops(images, torch.full((len(magnitudes),), index), magnitudes)
             for image, our, magnitude in zip(images, ours, magnitudes.tolist()):
                 difference = (our.int() - reference(image, name, magnitude).int()).abs()
-                assert difference.max() <= 1, (name, magnitude, difference.max())
                 if name in GEOMETRIC:
                     assert (difference > 0).float().mean() <= GEOMETRIC_SHARE, (name, magnitude)
+                else:
+                    assert difference.max() <= 1, (name, magnitude, difference.max())
                 worst[name] = max(worst.get(name, 0), int(difference.max()))
-    print(f"{channels} channel(s), largest difference per operation: {worst}")
+    print(f"{channels} channel(s), {size}: largest difference per operation: {worst}")
 
 
 @pytest.mark.parametrize("policy", [TRIVIAL, RAND], ids=["trivial", "rand-m9-n2"])
