@@ -131,9 +131,10 @@ def test_runs_without_a_policy_draw_what_they_drew_before():
     assert all(torch.equal(plain[name], with_policy[name]) for name in plain)
 
 
-def test_a_resume_with_trivial_augment_is_bitwise(tiny_data, tmp_path):
+@pytest.mark.parametrize("policy", [["--auto-augment", "trivial"], ["--aa", "rand-m9-n2"]], ids=["trivial", "rand"])
+def test_a_resume_with_a_policy_is_bitwise(tiny_data, tmp_path, policy):
     """Stopped after step 6 of 16, mid-epoch; weights, EMA and momentum must be the uninterrupted run's."""
-    args = [*RESUMED, "--auto-augment", "trivial", "--random-erase", "0.25", "--momentum", "0.9"]
+    args = [*RESUMED, *policy, "--random-erase", "0.25", "--momentum", "0.9"]
     reference_dir, _, _ = train_here(tmp_path, tiny_data, *args, name="reference")
     stopped_copy(reference_dir, tmp_path / "resumed", last_step=6)
     _, stdout, _ = train_here(tmp_path, tiny_data, *args, "--resume", "auto", name="resumed")
