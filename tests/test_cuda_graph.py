@@ -18,7 +18,8 @@ from vgg_dist.training.state import TrainState
 EVERY_FEATURE = [*TINY_MODEL, "--batch-norm", "--dropout", "0.3", "--batch-size", "8", "--lr", "0.1",
                  "--lr-schedule", "onecycle", "--warmup-epochs", "1", "--epochs", "2", "--momentum", "0.9",
                  "--nesterov", "--weight-decay", "0.01", "--label-smoothing", "0.1", "--clip-grad-norm", "1.0",
-                 "--random-crop-padding", "2", "--hflip", "0.5", "--random-erase", "0.5", "--model-ema"]
+                 "--random-crop-padding", "2", "--hflip", "0.5", "--random-erase", "0.5", "--model-ema",
+                 "--auto-augment", "rand-m9-n2"]
 STEPS = 10
 
 

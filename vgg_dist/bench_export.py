@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from vgg_dist.cli import FlagParser
 from vgg_dist.config import RECIPES_DIR, TrainConfig, read_config_file

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from vgg_dist.cli import FlagParser, check_positive, flag
+from vgg_dist.data.auto_augment import parse_policy
 from vgg_dist.data.sources import DATASETS
 from vgg_dist.errors import UsageError
 from vgg_dist.fields import FieldError, checked_fields, short
@@ -127,6 +128,12 @@ class TrainConfig:
                                                          "crop it back at random (on the device)")
     hflip: float = _field(0.0, "augmentation", "probability of a horizontal flip")
     random_erase: float = _field(0.0, "augmentation", "probability of erasing a random rectangle")
+    auto_augment: str | None = _field(None, "augmentation", "RandAugment (rand-mM-nN: N operations per image at "
+                                                            "magnitude M of 0..30, e.g. rand-m9-n2) or TrivialAugment "
+                                                            "(trivial: one operation, magnitude drawn per image), as "
+                                                            "torchvision defines them, per image on the device after "
+                                                            "crop and flip; none: off", metavar="POLICY",
+                                      aliases=("--aa",))
     mixup: float = _field(0.0, "augmentation", "MixUp: blend each image with a partner from the global batch, "
                                                "weight ~ Beta(ALPHA, ALPHA) per step, soft targets (0: off); "
                                                "train accuracy then counts the dominant label (weighted >= 0.5) "
@@ -221,7 +228,8 @@ def build_parser(prog: str, description: str, with_defaults: bool = True) -> arg
             options.update(type=kind, metavar=field.metadata.get("metavar", field.name.upper()))
             if "const" in field.metadata:  # the flag alone means this value: --pretrained, --pretrained PATH
                 options.update(nargs="?", const=field.metadata["const"])
-        groups[field.metadata["group"]].add_argument(flag(field.name), **options)
+        aliases = field.metadata.get("aliases", ())
+        groups[field.metadata["group"]].add_argument(flag(field.name), *aliases, **options)
     groups["recipe"].add_argument(
         "--config", metavar="FILE", help=f"YAML file of flag values; it overrides the recipe, flags given here "
                                          f"override both; every run writes one as {TRAIN_CONFIG_NAME}")
@@ -324,6 +332,7 @@ def _check_range(name: str, value: float, low: float, high: float, high_open: bo
 def validate(config: TrainConfig) -> None:
     """Every check that needs neither the data nor the process group."""
     _validate_numbers(config)
+    parse_policy(config.auto_augment)
     # Shape problems (architecture, image size, divisor, dropout) are the model's to state.
     config.model_spec(in_channels=1, num_classes=10).check()
     _validate_paths(config)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vgg_dist.data.auto_augment import AutoAugment
 from vgg_dist.data.mix import Mixing, mix_batch
 
 # Random erasing draws the erased area and aspect ratio as torchvision's RandomErasing does by default.
@@ -36,13 +37,14 @@ class Augmentation:
     hflip: float = 0.0      # probability of a horizontal flip
     erase: float = 0.0      # probability of erasing one random rectangle (set to 0, the background)
     mix: Mixing = Mixing()  # MixUp / CutMix, after the rest (vgg_dist/data/mix.py)
+    auto_augment: AutoAugment | None = None  # RandAugment / TrivialAugment (vgg_dist/data/auto_augment.py)
 
     def __bool__(self) -> bool:
-        return bool(self.crop_padding or self.hflip or self.erase or self.mix)
+        return bool(self.crop_padding or self.hflip or self.erase or self.mix or self.auto_augment)
 
     def draw(self, generator: torch.Generator, global_batch: int) -> dict[str, torch.Tensor]:
         """The random numbers of one step, one row per image of the global batch: `shift` (B, 2) pixel
-        offsets, `flip` (B,) and `erase` (B, 5) uniforms. Drawn on the host, so that a CUDA graph can
+        offsets, `flip` (B,) and `erase` (B, 5) uniforms, `auto_augment` (B, N, 3) integers. Drawn on the host, so that a CUDA graph can
         take them as an input (--cuda-graphs); a few kilobytes per step."""
         draws = {}
         if self.crop_padding:
@@ -52,6 +54,8 @@ class Augmentation:
             draws["flip"] = torch.rand(global_batch, generator=generator)
         if self.erase:
             draws["erase"] = torch.rand(global_batch, 5, generator=generator)
+        if self.auto_augment:  # drawn last: without it, a run draws exactly what it drew before it existed
+            draws["auto_augment"] = self.auto_augment.draw(generator, global_batch)
         return draws
 
     def apply(self, images: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -71,6 +75,11 @@ class Augmentation:
         if self.hflip:
             flip = draws["flip"] < self.hflip
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        if self.auto_augment:
+            # torchvision's usual order (its classification references): crop and flip, then the policy, then
+            # erasing last, so that the policy sees the framed image and the erased box stays 0 rather than
+            # being brightened, solarized or moved.
+            images = self.auto_augment.apply(images, draws["auto_augment"])
         if self.erase:
             erase, area, aspect, top, left = draws["erase"].unbind(dim=1)
             area = height * width * (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * area)

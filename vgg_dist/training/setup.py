@@ -14,6 +14,7 @@ from accelerate.utils import set_seed
 
 from vgg_dist.config import TrainConfig
 from vgg_dist.data.augment import Augmentation, BatchAugmenter
+from vgg_dist.data.auto_augment import parse_policy
 from vgg_dist.data.mix import Mixing
 from vgg_dist.errors import UsageError
 from vgg_dist.model import ModelSpec, build_model, feature_layers
@@ -78,7 +79,8 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> LRSchedule:
 
 def make_augmenter(accelerator: Accelerator, config: TrainConfig) -> BatchAugmenter | None:
     mixing = Mixing(config.mixup, config.cutmix, config.mix_prob, config.mix_switch_prob)
-    augmentation = Augmentation(config.random_crop_padding, config.hflip, config.random_erase, mixing)
+    augmentation = Augmentation(config.random_crop_padding, config.hflip, config.random_erase, mixing,
+                                auto_augment=parse_policy(config.auto_augment))
     if not augmentation:
         return None
     return BatchAugmenter(augmentation, accelerator.device, config.seed, accelerator.process_index,
