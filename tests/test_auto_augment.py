@@ -131,6 +131,7 @@ def test_runs_without_a_policy_draw_what_they_drew_before():
     assert all(torch.equal(plain[name], with_policy[name]) for name in plain)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [["--auto-augment", "trivial"], ["--aa", "rand-m9-n2"]], ids=["trivial", "rand"])
 def test_a_resume_with_a_policy_is_bitwise(tiny_data, tmp_path, policy):
     """Stopped after step 6 of 16, mid-epoch; weights, EMA and momentum must be the uninterrupted run's."""

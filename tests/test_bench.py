@@ -10,6 +10,7 @@ from conftest import launch_command, quiet_env, run_bounded
 TINY_BENCH = ["--image-size", "32", "--width-divisor", "16", "--batch-size", "16", "--steps", "3", "--warmup", "1"]
 
 
+@pytest.mark.slow
 def test_bench_times_baseline_vgg_dist_and_loader(tmp_path):
     out = tmp_path / "bench.json"
     result = run_bounded([sys.executable, "-m", "vgg_dist.bench", *TINY_BENCH, "--baseline-workers", "0",

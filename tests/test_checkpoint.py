@@ -113,6 +113,7 @@ def _crash_during_save(checkpoints_dir, step):
     assert result.returncode == 9, result.stderr
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_past_a_crashed_and_an_uncommitted_save_is_bitwise_identical(reference, tiny_data, tmp_path):
     run_dir = stopped_copy(reference, tmp_path / "run", last_step=25)
     (run_dir / "checkpoints" / "step_0000025" / "manifest.json").unlink()  # a save that never committed
@@ -433,6 +434,7 @@ def test_a_dataset_with_other_classes_is_refused(reference):
         read_checkpoint(reference / "checkpoints" / "step_0000020", num_classes=7)
 
 
+@pytest.mark.slow
 def test_a_tampered_checkpoint_leaves_the_run_directory_byte_for_byte(reference, tiny_data, tmp_path):
     run_dir = stopped_copy(reference, tmp_path / "run", last_step=20)
     target = run_dir / "checkpoints" / "step_0000020"

@@ -329,6 +329,7 @@ def test_a_disk_that_fills_during_the_build_is_one_line_and_leaves_no_entry(tmp_
         subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
+@pytest.mark.slow
 def test_two_launched_processes_share_one_decode(tmp_path):
     from conftest import train
     data, cache = image_folder(tmp_path / "photos"), tmp_path / "cache"

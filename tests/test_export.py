@@ -173,6 +173,7 @@ def test_a_hub_repo_id_is_fetched_with_the_mixins_options_and_loaded_like_a_fold
     torch.testing.assert_close(model.predict(images), VGG.from_pretrained(ema_run).predict(images), atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_the_export_benchmark_writes_its_figures_on_tiny_models(tmp_path):
     """A smoke test of `python -m vgg_dist.bench_export` (no timing is asserted): its JSON holds the
     inference comparison at batch 1 and 64 and each format's export time."""

@@ -63,6 +63,7 @@ def test_frozen_features_stay_bitwise_while_the_classifier_moves(frozen_run):
     assert sum(len(group["params"]) for group in groups) == len(classifier)  # the features are not in it at all
 
 
+@pytest.mark.slow
 def test_frozen_features_stay_bitwise_on_two_processes_with_global_batchnorm(tmp_path, tiny_data):
     """Two processes swap in BatchNorm layers that share statistics across them; freezing comes after, and
     those layers too stay in eval mode."""

@@ -161,6 +161,7 @@ def test_a_16_bit_photo_predicts_as_its_8_bit_copy(two_process_run, tmp_path, ca
     assert [e["probability"] for e in from_wide] == pytest.approx([e["probability"] for e in from_narrow], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_predict_console_script_prints_top_classes_or_one_error_line(two_process_run, tmp_path):
     run_dir, _ = two_process_run
     image = _write_images(tmp_path)["gray.png"]

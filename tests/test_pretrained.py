@@ -48,6 +48,7 @@ def test_a_vgg11_file_gives_torchvisions_logits_before_the_last_layer_is_replace
         torch.testing.assert_close(model(images), torchvision_model("vgg11", state)(images), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_batchnorm_grey_images_and_other_sizes_map_exactly(tmp_path):
     """vgg11_bn with every tensor random (torchvision starts conv biases at 0, which would hide a lost bias),
     read from .safetensors, on 1-channel 64 x 64 images: a 2 x 2 map that torchvision pools to 7 x 7."""

@@ -67,6 +67,7 @@ def test_a_checkpoints_path_that_is_a_file_is_refused_at_once(tiny_data, tmp_pat
     assert sorted(path.name for path in run_dir.iterdir()) == ["checkpoints", "config.json"]
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_killed_writers_lock_does_not_block(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.Popen([sys.executable, TRAIN_SCRIPT, "--data-dir", str(tiny_data), "--output-dir", str(run_dir),
@@ -140,6 +141,7 @@ def test_who_holds_a_lock(tmp_path, monkeypatch, holder, age, taken_over):
         assert (tmp_path / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_signal_after_the_last_line_still_exits_0(tiny_data, tmp_path):
     process = subprocess.Popen([sys.executable, TRAIN_SCRIPT, "--data-dir", str(tiny_data), "--output-dir",
                                 str(tmp_path / "run"), *QUICK, "--max-train-samples", "64"], stdout=subprocess.PIPE,

@@ -155,6 +155,7 @@ def test_a_fifo_lock_is_refused_without_blocking(finished_run, tiny_data, tmp_pa
     assert f"{run_dir / '.vgg_dist.lock'} is a FIFO, not a vgg_dist lock file" in stderr
 
 
+@pytest.mark.slow
 def test_an_unusable_compile_cache_matters_only_to_a_compiled_run(tiny_data, tmp_path):
     env = quiet_env(TORCHINDUCTOR_CACHE_DIR="/proc/x")
     base = [sys.executable, TRAIN_SCRIPT, "--data-dir", str(tiny_data), *TINY_MODEL, "--epochs", "1",

@@ -86,6 +86,7 @@ def assert_close_weights(run_dir, reference_dir):
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_processes_times_micro_batches_take_the_same_steps(tiny_data, tmp_path):
     one, _, _ = train_here(tmp_path, tiny_data, *SAME_STEPS, name="1x1")
     accumulated, stdout, _ = train_here(tmp_path, tiny_data, *SAME_STEPS, "--grad-accum-steps", "2", name="1x2")
@@ -106,6 +107,7 @@ MIXING = ["--mixup", "0.4", "--cutmix", "1.0", "--mix-prob", "0.9", "--label-smo
 ADAMW = ["--optimizer", "adamw", "--lr", "0.002", "--beta1", "0.8", "--beta2", "0.99", "--weight-decay", "0.05"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", [ACCUMULATING_SGD, ADAMW, MIXING], ids=["sgd-accumulating", "adamw", "mixing"])
 def test_a_resume_is_bitwise(tiny_data, tmp_path, optimizer):
     """Stopped after step 6 of 16 (mid-epoch; with accumulation a window is never split: checkpoints fall
@@ -117,6 +119,7 @@ def test_a_resume_is_bitwise(tiny_data, tmp_path, optimizer):
     assert_same_bits(tmp_path / "resumed", reference)
 
 
+@pytest.mark.slow
 def test_a_stop_signal_mid_window_checkpoints_at_the_window_end_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
     """SIGTERM arrives during the first micro-batch of step 4: the window is finished, step 4 checkpointed,
     and the resumed run ends with the uninterrupted run's bits."""
@@ -193,6 +196,7 @@ def test_a_batch_that_does_not_split_over_processes_times_micro_batches_is_refus
         check_layout(two_processes, 12, 4)
 
 
+@pytest.mark.slow
 def test_mixing_takes_the_same_steps_on_one_and_two_processes_and_with_accumulation(tiny_data, tmp_path):
     mixing = [*SAME_STEPS, "--mixup", "0.4", "--cutmix", "1.0", "--mix-prob", "0.9", "--label-smoothing", "0.1"]
     one, _, _ = train_here(tmp_path, tiny_data, *mixing, name="1x1")

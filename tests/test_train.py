@@ -53,6 +53,7 @@ def test_evaluate_reproduces_the_final_accuracy_with_ema_weights_and_tta(shared_
     assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["test_loss"] != pytest.approx(final["test_loss"])
 
 
+@pytest.mark.slow
 def test_evaluate_under_two_processes(shared_run):
     run_dir, _ = shared_run
     result = run_bounded(launch_command(2, "-m", "vgg_dist.evaluate", "--checkpoint", str(run_dir),
@@ -93,6 +94,7 @@ def two_process_run(tmp_path_factory, tiny_data):
     return run_dir
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_take_the_same_steps(two_process_run, tiny_data, tmp_path):
     one, _, _ = train_here(tmp_path, tiny_data, *EQUIVALENCE, name="one")
     weights_one, weights_two = read_weights(one), read_weights(two_process_run)
