@@ -147,6 +147,34 @@ def tiny_checkpoint(step: int) -> tuple[dict, object]:
     return state, identity
 
 
+def stopped_copy(run_dir: Path, destination: Path, last_step: int) -> Path:
+    """The run directory as a crash right after checkpoint `last_step` would have left it: later
+    checkpoints and the final model gone, metrics possibly ahead of the checkpoint."""
+    import shutil
+
+    from vgg_dist.store import checkpoint
+    shutil.copytree(run_dir, destination)
+    (destination / "model.safetensors").unlink()
+    for path in checkpoint.list_checkpoints(destination / "checkpoints"):
+        if int(path.name.split("_")[1]) > last_step:
+            shutil.rmtree(path)
+    return destination
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount: Path, size: str):
+    """A real device of `size` (e.g. "6m") that fills up, at `mount`; skips the test where mounting is not
+    allowed (it needs root, as CI has)."""
+    mount.mkdir(exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (root is needed): {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
 def saved_state(checkpoint: Path) -> dict:
     """A checkpoint's state.json as plain JSON."""
     return json.loads((checkpoint / "state.json").read_text())

@@ -11,7 +11,8 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.transforms.v2 import RandAugment, TrivialAugmentWide
 
 from conftest import TINY_MODEL, train_here
-from test_checkpoint import assert_same_bits, stopped_copy
+from conftest import stopped_copy
+from test_checkpoint import assert_same_bits
 from test_toolbox import RESUMED
 from vgg_dist.config import parse_config
 from vgg_dist.data.augment import Augmentation, BatchAugmenter

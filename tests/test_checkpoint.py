@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import (REPO, TRAIN_SCRIPT, directory_bytes, launch_command, quiet_env, read_metrics, read_weights,
-                      run_bounded, saved_state, tiny_checkpoint, train, train_here)
+                      run_bounded, saved_state, stopped_copy, tiny_checkpoint, train, train_here)
 from vgg_dist.config import parse_config
 from vgg_dist.errors import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE
 from vgg_dist.model import build_model
@@ -62,17 +62,6 @@ def assert_same_bits(run_dir, reference_dir):
         assert mine and mine.keys() == reference.keys()  # momentum buffers exist
         for name in mine:
             assert torch.equal(mine[name], reference[name]), (file, name)
-
-
-def stopped_copy(reference_dir, destination, last_step):
-    """The run directory as a crash right after checkpoint `last_step` would have left it: later
-    checkpoints and the final model gone, metrics possibly ahead of the checkpoint."""
-    shutil.copytree(reference_dir, destination)
-    (destination / "model.safetensors").unlink()
-    for path in checkpoint.list_checkpoints(destination / "checkpoints"):
-        if int(path.name.split("_")[1]) > last_step:
-            shutil.rmtree(path)
-    return destination
 
 
 def resume(run_dir, tiny_data, num_processes=2, extra=()):

@@ -314,19 +314,13 @@ def test_two_runs_starting_on_one_uncached_folder_decode_it_once(tmp_path):
 
 
 def test_a_disk_that_fills_during_the_build_is_one_line_and_leaves_no_entry(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (root is needed): {mounted.stderr.decode().strip()}")
-    try:
+    from conftest import mounted_tmpfs
+    with mounted_tmpfs(tmp_path / "disk", "1m") as disk:
         data = image_folder(tmp_path / "photos")  # 16 images of 3x224x224 bytes: 2.4 MB
         _, _, stderr = train_here(tmp_path, data, *QUICK, "--cache-dir", str(disk / "cache"), "--data-size", "224",
                                   expect=2)
         assert stderr.count("\n") == 1 and "no space left on the device holding" in stderr, stderr
         assert entries(disk / "cache") == []
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 @pytest.mark.slow

@@ -4,14 +4,13 @@ classifier and leaves the convolutions and their BatchNorm statistics bitwise as
 resume with another value is refused in one line."""
 
 import json
-import shutil
 
 import pytest
 import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from conftest import TINY_MODEL, read_metrics, read_weights, saved_state, train, train_here
+from conftest import TINY_MODEL, read_metrics, read_weights, saved_state, stopped_copy, train, train_here
 from vgg_dist.config import parse_config
 from vgg_dist.model import ModelSpec, build_model, feature_layers
 from vgg_dist.store import checkpoint
@@ -100,16 +99,6 @@ def test_a_run_records_the_schedules_rate_and_saves_the_scaled_groups(scaled_run
     assert flags["feature_lr_scale"] == 0.5
     first_epoch = read_metrics(scaled_run)[0]
     assert first_epoch["lr"] > groups[2]["lr"]  # the schedule's own rate, falling along the cosine
-
-
-def stopped_copy(reference_dir, destination, last_step):
-    """The run directory as a crash right after checkpoint `last_step` would have left it."""
-    shutil.copytree(reference_dir, destination)
-    (destination / "model.safetensors").unlink()
-    for path in checkpoint.list_checkpoints(destination / "checkpoints"):
-        if int(path.name.split("_")[1]) > last_step:
-            shutil.rmtree(path)
-    return destination
 
 
 @pytest.mark.parametrize("flags", [["--freeze-features"], ["--feature-lr-scale", "0.5"]])

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (REPO, TINY_MODEL, TRAIN_SCRIPT, directory_bytes, quiet_env, read_metrics, read_weights,
-                      run_main, train_here)
+from conftest import (REPO, TINY_MODEL, TRAIN_SCRIPT, directory_bytes, mounted_tmpfs, quiet_env, read_metrics,
+                      read_weights, run_main, train_here)
 from vgg_dist import evaluate
 from vgg_dist.store.files import EXIT_WRITE_FAILED
 
@@ -172,16 +172,8 @@ def test_an_unusable_compile_cache_matters_only_to_a_compiled_run(tiny_data, tmp
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 6 MiB tmpfs: a real device that fills up. Mounting needs root, as CI has."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (root is needed): {result.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "6m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(tiny_data, small_disk, tmp_path):

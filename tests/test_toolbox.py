@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_MODEL, launch_command, read_weights, run_bounded, train_here
-from test_checkpoint import assert_same_bits, stopped_copy
+from conftest import stopped_copy
+from test_checkpoint import assert_same_bits
 import torch.nn.functional as F
 
 from vgg_dist.config import parse_config
