@@ -112,6 +112,7 @@ def test_offline_hub_says_how_to_get_the_data(monkeypatch):
                               "zalando-datasets/fashion_mnist is not in the local cache")
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_fails_in_seconds_not_after_retries(tmp_path):
     # A port nothing listens on: `datasets` alone would retry for half a minute.
     code = "from vgg_dist.data.sources import load_dataset; load_dataset('fashion_mnist', None)"
@@ -195,6 +196,7 @@ print(json.dumps({"shape": list(loaded.train.images.shape), "dtype": str(loaded.
 """
 
 
+@pytest.mark.slow
 def test_hub_path_loads_a_dataset_laid_out_as_the_hub_copy(tmp_path):
     """The real `datasets.load_dataset` on a local folder shaped like zalando-datasets/fashion_mnist
     (parquet shards of an image column and a class-label column): the column handling, proven offline.

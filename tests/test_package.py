@@ -30,23 +30,41 @@ def test_a_built_wheel_holds_every_module_and_the_recipes(tmp_path):
             "vgg_dist/recipes/fast.yaml"} <= shipped
 
 
+def _help(module: str) -> tuple[str, str]:
+    """(stdout, stderr) of a command's --help, run in this process: each command's main() as its console
+    script calls it (a subprocess per command would spend seconds importing torch again)."""
+    import contextlib
+    import importlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit:
+        importlib.import_module(module).main(["--help"])
+    assert exit.value.code in (0, None)
+    return out.getvalue(), err.getvalue()
+
+
 @pytest.mark.parametrize("module", COMMANDS)
 def test_every_command_renders_its_help(module):
-    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO,
-                            timeout=120)
-    assert result.returncode == 0 and result.stderr == "", result.stderr
-    assert "usage:" in result.stdout and "{'option_strings'" not in result.stdout and "%(" not in result.stdout
+    stdout, stderr = _help(module)
+    assert stderr == "", stderr
+    assert "usage:" in stdout and "{'option_strings'" not in stdout and "%(" not in stdout
+
+
+def test_the_module_form_renders_help_too():
+    """`python -m vgg_dist.train --help` as a user types it, once."""
+    result = subprocess.run([sys.executable, "-m", "vgg_dist.train", "--help"], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 0 and result.stderr == "" and "usage:" in result.stdout
 
 
 def test_train_help_is_grouped_and_holds_no_measured_figures():
-    result = subprocess.run([sys.executable, "-m", "vgg_dist.train", "--help"], capture_output=True, text=True,
-                            cwd=REPO, timeout=120)
-    headings = [line[:-1] for line in result.stdout.splitlines() if line and not line[0].isspace() and line.endswith(":")]
+    stdout, _ = _help("vgg_dist.train")
+    headings = [line[:-1] for line in stdout.splitlines() if line and not line[0].isspace() and line.endswith(":")]
     assert headings[:1] == ["options"] and set(headings[1:]) == {
         "recipe", "data", "model", "optimisation", "augmentation", "evaluation", "distributed", "checkpoints",
         "output", "speed"}
     for figure in ("% slower", "% faster", "images/s", "examples/sec", "measured"):
-        assert figure not in result.stdout, figure
+        assert figure not in stdout, figure
 
 
 def _functions():

@@ -176,6 +176,7 @@ def small_disk(tmp_path):
         yield mount
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(tiny_data, small_disk, tmp_path):
     # About 1.2 MiB of weights; with the optimizer's momentum a checkpoint is about 2.4 MiB, so the disk
     # holds the run's files and the first checkpoint, and the second does not fit.
@@ -194,6 +195,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(tiny_data
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))  # the partial save was taken back
 
 
+@pytest.mark.slow
 def test_a_disk_that_is_full_before_the_first_run_file_is_one_line_too(tiny_data, small_disk):
     filler = small_disk / "filler"
     free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize

@@ -130,6 +130,7 @@ def test_batchnorm_is_synchronised_only_where_it_should_be(flags, processes, kin
     assert kinds == {kind}
 
 
+@pytest.mark.slow
 def test_resume_on_fewer_processes_continues_the_same_run(two_process_run, tiny_data, tmp_path):
     # The global batch is the same, so 2 -> 1 processes recomputes the same data order and takes the same
     # steps; without dropout only the reduction order differs (a wrong order moves weights by ~1e-2).
@@ -177,6 +178,7 @@ def test_bad_flag_contract_one_line_exit_2_nothing_created(tmp_path, tiny_data):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_multi_process_failure_names_its_cause_at_the_end(tmp_path, tiny_data):
     command = launch_command(2, TRAIN_SCRIPT, "--data-dir", str(tiny_data), *TINY_MODEL, "--batch-size", "7",
                              "--output-dir", str(tmp_path / "run"))
