@@ -87,3 +87,8 @@ def test_no_function_takes_more_parameters_than_the_limit():
         return len([name for name in names if name not in ("self", "cls")])
     crowded = {name: count(node) for name, node in _functions() if count(node) > MAX_PARAMETERS}
     assert not crowded, crowded
+
+
+def test_the_readme_stays_a_page_for_users():
+    """Details belong in docs/; the README is what a newcomer reads top to bottom."""
+    assert len((REPO / "README.md").read_text().splitlines()) <= 250

@@ -283,7 +283,7 @@ def evaluate_epoch(state: TrainState, run: Run, sums: EpochSums, seconds: float,
     record = EpochRecord(
         epoch=progress.epoch + 1, train_loss=sums.mean_loss, train_acc=sums.accuracy, train_samples=int(sums.samples),
         lr=run.schedule(progress.global_step - 1), **scores,
-        # Only this session's steps: an epoch resumed at its very end has no speed to report.
+        # Only the steps this process ran: an epoch resumed at its very end has no speed to report.
         examples_per_sec=steps_run * config.batch_size / seconds if steps_run else None, seconds=seconds,
         eval_seconds=time.perf_counter() - started, global_step=progress.global_step,
         # Per epoch, so a leak shows as growth from one line to the next.
