@@ -159,7 +159,8 @@ def settle_compile_cache(config: TrainConfig, device: torch.device) -> None:
         return
     given = os.environ.get(COMPILE_CACHE_VARIABLE)
     if given is not None and _unusable_directory(Path(given)):
-        os.environ[COMPILE_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="vgg_dist-inductor-")
+        # One per user, reused by every eager run: a fresh directory per run would pile up in /tmp.
+        os.environ[COMPILE_CACHE_VARIABLE] = str(Path(tempfile.gettempdir()) / f"vgg_dist-inductor-{os.getuid()}")
 
 
 def maybe_compile(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.nn.Module:
