@@ -137,7 +137,7 @@ def test_help_lists_recipes_and_choices_and_each_default_once(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines wherever it likes
     for name in recipe_names():
         assert f"{name}: " in text
-    assert "{vgg11,vgg13,vgg16,vgg19}" in text and "{fashion_mnist,mnist}" in text
+    assert "{vgg11,vgg13,vgg16,vgg19}" in text and "fashion_mnist, mnist, cifar10, cifar100, or any Hub" in text
     assert "{none,tensorboard,wandb,all}" in text and "{constant,cosine,onecycle}" in text
     assert "(default: None)" not in text
     assert text.count("(default: load from the Hugging Face Hub)") == 1

@@ -102,7 +102,7 @@ def test_a_hub_folder_loads_through_from_pretrained_and_its_card_names_the_runs_
     assert "--config train_config.yaml" in body and "VGG.from_pretrained" in body
     # predict() brings PIL images and uint8 tensors of any size to the stored size, as the predict command does.
     run_model, info = load_model(ema_run)
-    expected = predict(run_model, images, info.model.image_size)
+    expected = predict(run_model, images, info.model)
     torch.testing.assert_close(model.predict(images), expected)
     torch.testing.assert_close(model.predict([Image.fromarray(image[0].numpy()) for image in images]), expected)
     assert model.predict(torch.zeros(1, 56, 40, dtype=torch.uint8)).shape == (1, 10)

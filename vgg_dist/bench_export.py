@@ -60,7 +60,7 @@ def served_model(config: TrainConfig) -> tuple[WithPreprocessing, RunInfo]:
                    dataset="fashion_mnist", data_source="none: weights as initialised, for timing",
                    source_image_size=list(STORED_SIZE), background=0.0, train_samples=0, train_samples_per_epoch=0,
                    val_samples=None, test_samples=0, flags=config, launch={})
-    return WithPreprocessing(network, spec.image_size).eval(), info
+    return WithPreprocessing(network, spec).eval(), info
 
 
 def images_per_second(call, batch: torch.Tensor, min_seconds: float) -> float:

@@ -17,7 +17,7 @@ import yaml
 
 from vgg_dist.cli import FlagParser, check_positive, flag
 from vgg_dist.data.auto_augment import parse_policy
-from vgg_dist.data.sources import DATASETS
+from vgg_dist.data.sources import DATASETS, check_dataset_name
 from vgg_dist.errors import UsageError
 from vgg_dist.fields import FieldError, checked_fields, short
 from vgg_dist.model import ARCHITECTURES, ModelSpec
@@ -31,6 +31,7 @@ MAX_CROP_PADDING = 16
 MAX_DATA_SIZE = 4096             # the stored side predict also accepts (run_files.MAX_SOURCE_SIDE)
 MAX_CONFIG_BYTES = 1 << 20       # a recipe is a few hundred bytes; a megabyte is not a recipe
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+NORMALIZATIONS = ("none", "dataset", "imagenet")
 MAX_LR = 3.4028234663852886e38   # the optimizer multiplies float32 gradients by it
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 # --help shows the flags in these groups, in this order.
@@ -56,7 +57,14 @@ class TrainConfig:
                                                 "save_to_disk folder, or Hub-style parquet files "
                                                 "(data/train-*.parquet, data/test-*.parquet) (default: load from "
                                                 "the Hugging Face Hub)")
-    dataset: str = _field("fashion_mnist", "data", "which dataset", choices=tuple(DATASETS))
+    dataset: str = _field("fashion_mnist", "data", f"{', '.join(DATASETS)}, or any Hub image-classification "
+                                                   f"dataset as OWNER/NAME (its image and class-label columns are "
+                                                   f"found from its features); downloaded through `datasets` "
+                                                   f"unless --data-dir holds it", metavar="NAME")
+    train_split: str = _field("train", "data", "the split to train on (Hub datasets, save_to_disk and parquet "
+                                               "folders, ImageFolder trees)")
+    test_split: str | None = _field(None, "data", "the split to test on (default: test, else validation; val in an "
+                                                  "ImageFolder tree)")
     class_names: str | None = _field(None, "data", "text file with one class name per line, for IDX data that "
                                                    "is neither Fashion-MNIST nor MNIST")
     image_column: str | None = _field(None, "data", "with save_to_disk or parquet data: the Image column to use "
@@ -74,6 +82,10 @@ class TrainConfig:
                                                  "$XDG_CACHE_HOME/vgg_dist/datasets)")
     skip_bad_images: bool = _field(False, "data", "leave out images that cannot be decoded, instead of refusing "
                                                   "the run; config.json records how many and which")
+    normalize: str = _field("none", "data", "standardise the input per channel: none leaves it in [0, 1] (the "
+                                            "chapter); dataset uses the training images' mean and std; imagenet "
+                                            "uses ImageNet's (the default with --pretrained); config.json "
+                                            "records the values", choices=NORMALIZATIONS)
     max_train_samples: int | None = _field(None, "data", "use only the first N training images (quick runs)")
     max_eval_samples: int | None = _field(None, "data", "use only the first N test images (quick runs)")
     val_split: float = _field(0.0, "data", "hold out this fraction of the training images (the last ones) as a "
@@ -183,10 +195,13 @@ class TrainConfig:
     channels_last: bool = _field(True, "speed", "channels-last (NHWC) activations, the layout fast convolution "
                                                 "kernels want")
 
-    def model_spec(self, in_channels: int, num_classes: int) -> ModelSpec:
+    def model_spec(self, in_channels: int, num_classes: int,
+                   statistics: tuple[list[float], list[float]] | None = None) -> ModelSpec:
+        """The model for data of `in_channels` and `num_classes`, standardised with `statistics` (mean, std)."""
+        mean, std = statistics or (None, None)
         return ModelSpec(arch=self.arch, width_divisor=self.width_divisor, batch_norm=self.batch_norm,
                          in_channels=in_channels, num_classes=num_classes, image_size=self.image_size,
-                         hidden_size=self.hidden_size, dropout=self.dropout)
+                         hidden_size=self.hidden_size, dropout=self.dropout, input_mean=mean, input_std=std)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -261,6 +276,8 @@ def parse_config(argv: list[str] | None, prog: str, description: str) -> TrainCo
     if "epochs" in chosen and "warmup_epochs" not in chosen and from_recipe.get("warmup_epochs"):
         from_recipe["warmup_epochs"] *= chosen["epochs"] / from_recipe["epochs"]
     parser = build_parser(prog, description)
+    if "pretrained" in chosen and "normalize" not in chosen:
+        from_recipe["normalize"] = "imagenet"  # ImageNet weights expect ImageNet's standardised input
     parser.set_defaults(**{**from_recipe, **from_file, "recipe": recipe})
     namespace = vars(parser.parse_args(argv))
     namespace.pop("config")
@@ -333,6 +350,10 @@ def validate(config: TrainConfig) -> None:
     """Every check that needs neither the data nor the process group."""
     _validate_numbers(config)
     parse_policy(config.auto_augment)
+    check_dataset_name(config.dataset)
+    for name in ("train_split", "test_split"):
+        if getattr(config, name) is not None and not getattr(config, name).strip():
+            raise UsageError(f"{flag(name)} needs a split's name, such as train or test")
     # Shape problems (architecture, image size, divisor, dropout) are the model's to state.
     config.model_spec(in_channels=1, num_classes=10).check()
     _validate_paths(config)

@@ -31,8 +31,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="a run directory (its final model.safetensors), one of its checkpoints "
                              "(RUN/checkpoints/step_N), or RUN/checkpoints/best")
+    parser.add_argument("--dataset", metavar="NAME", help="a built-in dataset or a Hub dataset (OWNER/NAME), as "
+                                                          "train.py takes it (default: the run's own)")
     parser.add_argument("--data-dir", help="directory of images in any layout train.py takes (default: the run's "
-                                           "own data source)")
+                                           "own data source, unless --dataset names another)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="global evaluation batch (default: the run's --batch-size)")
     parser.add_argument("--max-eval-samples", type=int, default=None,
@@ -45,11 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def decode_options(info, data_dir: str | None) -> DecodeOptions:
-    """How a folder of images is decoded: as the run decoded its own (so its cache entry is found again),
-    and any other folder at the run's channels and stored size, which the model was trained on."""
+def decode_options(info, dataset: str, data_dir: str | None) -> DecodeOptions:
+    """How images are decoded: as the run decoded its own (so its cache entry is found again), and any
+    other source at the run's channels and stored size, which the model was trained on."""
     options = DecodeOptions.from_config(info.flags)
-    if data_dir == info.flags.data_dir:
+    if (dataset, data_dir) == (info.dataset, info.flags.data_dir):
         return options
     return dataclasses.replace(options, channels=info.model.in_channels, data_size=info.source_image_size[0])
 
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model, info = load_model(args.checkpoint)
     spec, flags = info.model, info.flags
-    data_dir = args.data_dir if args.data_dir is not None else flags.data_dir
+    dataset = args.dataset or info.dataset
+    data_dir = args.data_dir if args.data_dir is not None or args.dataset else flags.data_dir
     max_eval = args.max_eval_samples if args.max_eval_samples is not None else flags.max_eval_samples
     batch_size = args.batch_size or flags.batch_size
     tta = flags.tta if args.tta is None else args.tta
@@ -67,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator()
     check_layout(accelerator, batch_size)
     with accelerator.main_process_first():
-        data = load_dataset(info.dataset, data_dir, tuple(info.class_names), decode_options(info, data_dir))
+        data = load_dataset(dataset, data_dir, tuple(info.class_names), decode_options(info, dataset, data_dir))
     if data.in_channels != spec.in_channels or len(data.class_names) != spec.num_classes:
-        raise UsageError(f"--data-dir {data_dir}: its images/classes do not match the model in {args.checkpoint}")
+        source = f"--data-dir {data_dir}" if data_dir else f"--dataset {dataset}"
+        raise UsageError(f"{source}: its {data.in_channels}-channel images of {len(data.class_names)} classes do not "
+                         f"match the model in {args.checkpoint} ({spec.in_channels} channels, {spec.num_classes} "
+                         f"classes)")
     test = data.test.head(max_eval)
     if flags.channels_last:  # the layout training evaluated in
         model = model.to(memory_format=torch.channels_last)

@@ -29,6 +29,7 @@ from torch import nn
 from vgg_dist.cli import FlagParser
 from vgg_dist.data.batches import to_model_input
 from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
+from vgg_dist.model import ModelSpec
 from vgg_dist.store.artifacts import load_model
 from vgg_dist.store.run_files import RunInfo
 
@@ -49,23 +50,27 @@ class ExportMismatch(Exception):
 
 
 class WithPreprocessing(nn.Module):
-    """The model with training's input step in front: uint8 stored images in, logits out."""
+    """The model with training's input step in front (resize, scale, standardise as `spec` says): uint8
+    stored images in, logits out."""
 
-    def __init__(self, model: nn.Module, image_size: int):
+    def __init__(self, model: nn.Module, spec: ModelSpec):
         super().__init__()
-        self.model, self.image_size = model, image_size
+        self.model, self.spec = model, spec
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(to_model_input(images, self.image_size))
+        spec = self.spec
+        return self.model(to_model_input(images, spec.image_size, mean=spec.input_mean, std=spec.input_std))
 
 
 def check_images(info: RunInfo) -> tuple[torch.Tensor, str]:
     """(uint8 images to compare an export on, what they are): the run's first test images when its data is
     at hand, else seeded random images at the stored size (the comparison is of arithmetic, not accuracy)."""
+    from vgg_dist.data.cache import DecodeOptions
     from vgg_dist.data.sources import load_dataset
     try:
         with contextlib.redirect_stdout(sys.stderr):  # the data code's notes are not this command's output
-            test = load_dataset(info.dataset, info.flags.data_dir, tuple(info.class_names)).test
+            options = DecodeOptions.from_config(info.flags)  # as the run decoded it: its cache entry is found
+            test = load_dataset(info.dataset, info.flags.data_dir, tuple(info.class_names), options).test
         if test.images.shape[1:] == (info.model.in_channels, *info.source_image_size) and len(test.images):
             return test.images[:CHECK_IMAGES].contiguous(), "test images"
     except (UsageError, OSError):
@@ -111,7 +116,7 @@ def run_exported(path: Path, images: torch.Tensor) -> torch.Tensor:
 def export_program(model: nn.Module, info: RunInfo, fmt: str, path: Path) -> float:
     """Write `path` in `fmt` ("onnx" or "exported"), load it back and return its largest logit difference
     from PyTorch; ExportMismatch over TOLERANCE."""
-    wrapped = WithPreprocessing(model.float().cpu().eval(), info.model.image_size).eval()
+    wrapped = WithPreprocessing(model.float().cpu().eval(), info.model).eval()
     images, described = check_images(info)
     write, run = (write_onnx, run_onnx) if fmt == "onnx" else (write_exported, run_exported)
     write(wrapped, images[:2], path)

@@ -25,6 +25,7 @@ from torch import nn
 from vgg_dist.data.images import fit_to, to_channels
 from vgg_dist.data.sources import DATASETS
 from vgg_dist.model import count_parameters
+from vgg_dist.pretrained import TORCHVISION
 from vgg_dist.store import checkpoint
 from vgg_dist.store.artifacts import WEIGHTS_NAME, load_model, save_weights
 from vgg_dist.store.files import write_json
@@ -63,7 +64,7 @@ class VGG(nn.Module, PyTorchModelHubMixin, library_name="vgg_dist", pipeline_tag
         from vgg_dist.predict import predict  # the command's own step, so the two cannot drift apart
         tta = self.info.flags.tta if tta is None else tta
         device = next(self.network.parameters()).device
-        return predict(self.network, self.to_stored(images).to(device), self.info.model.image_size, tta)
+        return predict(self.network, self.to_stored(images).to(device), self.info.model, tta)
 
     def to_stored(self, images) -> torch.Tensor:
         """uint8 [N, C, H, W] at the run's channels and stored size."""
@@ -191,13 +192,31 @@ def _card_model(info: RunInfo, parameters: int) -> str:
             f"BatchNorm {'on' if spec.batch_norm else 'off'}, two hidden layers of {spec.hidden_size}, "
             f"dropout {spec.dropout}\n"
             f"- input: {spec.in_channels}-channel uint8 images stored at {size[0]}x{size[1]}, resized bilinearly "
-            f"to {spec.image_size}x{spec.image_size} and scaled to [0, 1] (no mean/std normalisation)\n"
+            f"to {spec.image_size}x{spec.image_size} and {_standardised(spec)}\n"
             f"- classes: {', '.join(info.class_names)}")
+
+
+def _standardised(spec) -> str:
+    if spec.input_mean is None:
+        return "scaled to [0, 1] (no mean/std normalisation)"
+    return f"scaled to [0, 1], then standardised per channel with mean {spec.input_mean} and std {spec.input_std}"
+
+
+def _fine_tuning(flags) -> str:
+    """How the weights started, for the card: from torchvision's ImageNet weights, and how they were tuned."""
+    if flags.pretrained is None:
+        return "from Xavier-uniform initialisation"
+    source = ("torchvision's ImageNet weights" if flags.pretrained == TORCHVISION
+              else f"the weights in `{flags.pretrained}`")
+    tuning = ("only the classifier trained (`--freeze-features`)" if flags.freeze_features else
+              f"the convolutions at {flags.feature_lr_scale:g} x the learning rate (`--feature-lr-scale`)")
+    return f"fine-tuned from {source} (`--pretrained`), {tuning}"
 
 
 def _card_training(info: RunInfo) -> str:
     flags, launch = info.flags, info.launch
-    return (f"## Training\n\nRecipe `{flags.recipe}`: {flags.epochs} epochs, global batch {flags.batch_size}, "
+    return (f"## Training\n\nRecipe `{flags.recipe}`, {_fine_tuning(flags)}: {flags.epochs} epochs, global batch "
+            f"{flags.batch_size}, optimizer {flags.optimizer}, "
             f"learning rate {flags.lr} ({flags.lr_schedule}), model EMA {'on' if flags.model_ema else 'off'}, "
             f"flip TTA at evaluation {'on' if flags.tta else 'off'}; trained on {launch.get('num_processes', '?')} "
             f"process(es) on {launch.get('device', '?')}, mixed precision {launch.get('mixed_precision', '?')}; "
@@ -234,6 +253,6 @@ def _card_usage(info: RunInfo) -> str:
             "print(model.class_names[probabilities.argmax(1).item()])\n```\n\n"
             "The folder is also a vgg_dist run directory: `python -m vgg_dist.predict --checkpoint FOLDER "
             "image.png` and `python -m vgg_dist.evaluate --checkpoint FOLDER` read it. `model(x)` takes model "
-            f"input (float, [0, 1], {info.model.image_size}x{info.model.image_size}); `model.predict` takes "
+            f"input (float, {info.model.image_size}x{info.model.image_size}, {_standardised(info.model)}); `model.predict` takes "
             f"images of any size and fits them to {size[0]}x{size[1]} first, as training images were stored.")
 

@@ -1,4 +1,4 @@
-"""VGG for small grayscale images, as built in d2l's VGG chapter. Plain PyTorch, no distributed code.
+"""VGG as built in d2l's VGG chapter, for grey or colour images. Plain PyTorch, no distributed code.
 
 Print the chapter's per-block shape table for any configuration:
 
@@ -42,6 +42,10 @@ class ModelSpec:
     image_size: int = 224
     hidden_size: int = 4096  # width of the two hidden fully connected layers
     dropout: float = 0.5
+    # Per-channel mean and std (0-1 scale) the input is standardised with before the first convolution:
+    # the training images' (--normalize dataset) or ImageNet's; None leaves it in [0, 1], as the chapter.
+    input_mean: list[float] | None = None
+    input_std: list[float] | None = None
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, what is wrong and what is allowed) for each reason this spec cannot build a model."""
@@ -61,6 +65,14 @@ class ModelSpec:
                 found.append((name, f"must be at least 1, got {getattr(self, name)}"))
         if not 0.0 <= self.dropout < 1.0:
             found.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
+        if (self.input_mean is None) != (self.input_std is None):
+            found.append(("normalize", "needs both a mean and a std, or neither"))
+        elif self.input_mean is not None:
+            if not len(self.input_mean) == len(self.input_std) == self.in_channels:
+                found.append(("normalize", f"needs one mean and one std per input channel ({self.in_channels})"))
+            elif not all(value > 0 for value in self.input_std):
+                found.append(("normalize", "needs every channel's std above 0 (a channel of one constant value "
+                                           "cannot be standardised)"))
         return found
 
     def check(self) -> None:

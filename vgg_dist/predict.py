@@ -24,7 +24,7 @@ from vgg_dist.data.batches import to_model_input
 from vgg_dist.data.images import decode
 from vgg_dist.data.sources import border_mean
 from vgg_dist.errors import exit_process, exits_cleanly_on_stop
-from vgg_dist.model import log_probabilities
+from vgg_dist.model import ModelSpec, log_probabilities
 from vgg_dist.store.artifacts import load_model
 from vgg_dist.store.run_files import RunInfo
 
@@ -42,11 +42,12 @@ def load_image(path: Path, info: RunInfo, invert: bool | None) -> tuple[torch.Te
     return (255 - image if invert else image), invert
 
 
-def predict(model: torch.nn.Module, images: torch.Tensor, image_size: int, tta: bool = False) -> torch.Tensor:
-    """Class probabilities [N, classes] for uint8 images [N, C, h, w]; with `tta`, the mean of the
-    probabilities for each image and its mirror, as evaluation computes them."""
+def predict(model: torch.nn.Module, images: torch.Tensor, spec: ModelSpec, tta: bool = False) -> torch.Tensor:
+    """Class probabilities [N, classes] for uint8 images [N, C, h, w], resized and standardised as `spec`
+    says; with `tta`, the mean of the probabilities for each image and its mirror, as evaluation computes them."""
     with torch.no_grad():
-        return log_probabilities(model, to_model_input(images, image_size), tta).exp()
+        x = to_model_input(images, spec.image_size, mean=spec.input_mean, std=spec.input_std)
+        return log_probabilities(model, x, tta).exp()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {path} has a background unlike the training images'; inverted it (--no-invert keeps "
                   f"it as it is)", file=sys.stderr)
     tta = info.flags.tta if args.tta is None else args.tta
-    probabilities = predict(model, torch.stack([image for image, _ in loaded]), info.model.image_size, tta)
+    probabilities = predict(model, torch.stack([image for image, _ in loaded]), info.model, tta)
     top = probabilities.topk(min(args.top_k, probabilities.shape[1]), dim=1)
     for path, values, indices in zip(args.images, top.values.tolist(), top.indices.tolist()):
         ranked = [{"class": info.class_names[index], "index": index, "probability": value}

@@ -30,6 +30,8 @@ from vgg_dist.model import SIZE_STEP, ModelSpec
 TORCHVISION = "torchvision"  # the value of a bare --pretrained: torchvision's own weights API
 POOLED_SIDE = 7               # torchvision's AdaptiveAvgPool2d((7, 7))
 TORCHVISION_HIDDEN = 4096
+# The per-channel statistics torchvision's ImageNet weights were trained with (its transforms' Normalize).
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 BATCH_NORM_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 
@@ -48,6 +50,14 @@ def check_pretrainable(spec: ModelSpec) -> None:
     if spec.in_channels not in (1, 3):
         raise UsageError(f"--pretrained maps RGB weights onto 1- or 3-channel images; this data has "
                          f"{spec.in_channels} channels")
+
+
+def imagenet_statistics(channels: int) -> tuple[list[float], list[float]]:
+    """ImageNet's mean and std for `channels` 3, or for a grey image (1) the average of the three: its one
+    channel feeds the first convolution summed over RGB, as if R = G = B."""
+    if channels == 1:
+        return [round(sum(IMAGENET_MEAN) / 3, 6)], [round(sum(IMAGENET_STD) / 3, 6)]
+    return list(IMAGENET_MEAN), list(IMAGENET_STD)
 
 
 def layer_names(spec: ModelSpec) -> list[tuple[str, str, str]]:

@@ -27,9 +27,10 @@ from vgg_dist.config import TrainConfig, parse_config
 from vgg_dist.data.batches import EpochBatchSampler
 from vgg_dist.data.cache import DecodeOptions
 from vgg_dist.data.folders import IDX, detect_layout
-from vgg_dist.data.sources import ImageData, Split, border_mean, load_dataset, read_class_names
+from vgg_dist.data.sources import ImageData, Split, border_mean, channel_stats, load_dataset, read_class_names
 from vgg_dist.errors import Preempted, UsageError, exit_process, exits_cleanly_on_stop
 from vgg_dist.model import ModelSpec, count_parameters
+from vgg_dist.pretrained import imagenet_statistics
 from vgg_dist.store.checkpoint import RunIdentity
 from vgg_dist.store.run_dir import Store
 from vgg_dist.store.run_files import RunInfo
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Store.open(accelerator, config) as store:
             data, splits = load_splits(accelerator, config)
-            spec = config.model_spec(in_channels=data.in_channels, num_classes=len(data.class_names))
+            spec = config.model_spec(data.in_channels, len(data.class_names), input_statistics(config, data))
             state, run = build_training(accelerator, config, spec, splits)
             run.spec, run.store, run.stop = spec, store, stop
             info = describe_run(accelerator, config, spec, (data, splits), layout)
@@ -99,6 +100,17 @@ def load_splits(accelerator: Accelerator, config: TrainConfig) -> tuple[ImageDat
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train)} training images; "
                          f"lower it or raise --max-train-samples (or lower --val-split)")
     return data, {"train": train, **splits, "test": data.test.head(config.max_eval_samples)}
+
+
+def input_statistics(config: TrainConfig, data: ImageData) -> tuple[list[float], list[float]] | None:
+    """(mean, std) per channel that --normalize standardises the input with, or None (the chapter's [0, 1]).
+    The dataset's are its training split's, before --val-split or --max-train-samples: a property of the data,
+    the same for every run on it."""
+    if config.normalize == "imagenet":
+        return imagenet_statistics(data.in_channels)
+    if config.normalize == "dataset":
+        return (data.record.channel_mean, data.record.channel_std) if data.record else channel_stats(data.train.images.numpy())
+    return None
 
 
 def build_training(accelerator: Accelerator, config: TrainConfig, spec: ModelSpec,

@@ -80,8 +80,10 @@ class EpochBatchSampler:
         return self.full_length() - self.skip_batches
 
 
-def to_model_input(images: torch.Tensor, image_size: int, channels_last: bool = False) -> torch.Tensor:
-    """uint8 [B, C, h, w] on any device -> float [B, C, S, S] in [0, 1], resized bilinearly.
+def to_model_input(images: torch.Tensor, image_size: int, channels_last: bool = False,
+                   mean: list[float] | None = None, std: list[float] | None = None) -> torch.Tensor:
+    """uint8 [B, C, h, w] on any device -> float [B, C, S, S], resized bilinearly, in [0, 1], or
+    standardised per channel as (x - mean) / std when `mean` and `std` (on the 0-1 scale) are given.
 
     For the 28 -> 224 upsampling this is the same filter as the chapter's PIL bilinear `Resize`; PIL
     only rounds its output to 8 bits, so the two differ by at most one grey level (1/255).
@@ -91,6 +93,11 @@ def to_model_input(images: torch.Tensor, image_size: int, channels_last: bool = 
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
                           antialias=image_size < images.shape[-1])
     x = x.mul_(1.0 / 255.0)
+    if mean is not None and std is not None:
+        # Python numbers, one channel at a time: no tensor is made from them on the device, which a CUDA
+        # graph capture would not allow, and a chapter run (no mean) keeps exactly its old arithmetic.
+        for channel, (shift, scale) in enumerate(zip(mean, std)):
+            x[:, channel].sub_(shift).div_(scale)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         if x.shape[1] == 1:

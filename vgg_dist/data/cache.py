@@ -2,8 +2,9 @@
 meta.json (class names, channels, size, the training split's mean and std, each file's size and shape).
 
 An entry lives under `--cache-dir` (default `$XDG_CACHE_HOME/vgg_dist/datasets/`) in a folder named by
-a fingerprint of the source folder (every file's relative path, size and modification time) and of the
-options that change what is stored. A changed or added file is a new fingerprint, so an entry is never
+a fingerprint of the source (a folder's every file's relative path, size and modification time; a Hub
+dataset's own fingerprints, which `datasets` derives from its files) and of the options that change what
+is stored. A changed or added file is a new fingerprint, so an entry is never
 stale, only unused. An entry is built under a temporary name and renamed into place, under a file lock,
 so a reader sees a whole entry or none, and two runs (or two nodes sharing the directory) build it once.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from typing import Callable
 import fcntl
 import hashlib
 import json
@@ -27,14 +29,14 @@ import numpy as np
 import torch
 
 from vgg_dist.data import decode
-from vgg_dist.data.folders import FolderData, SplitItems, read_folder
-from vgg_dist.data.sources import DataRecord, ImageData, Split
+from vgg_dist.data.folders import FolderData, Selection, SplitItems, read_folder
+from vgg_dist.data.sources import DataRecord, ImageData, Split, channel_stats
 from vgg_dist.errors import UsageError
 
 CACHE_VERSION = 1  # raise when what an entry holds changes: older entries are then simply not found
 META_NAME = "meta.json"
 SKIPPED_LISTED = 5  # paths config.json lists of the images --skip-bad-images left out
-STATS_CHUNK = 1024  # images per step of the mean/std pass: bounded memory for any dataset
+STATS_CHUNK = 1024  # images per step of a compaction: bounded memory for any dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +51,27 @@ class DecodeOptions:
     decode_workers: int | None = None  # None: one per core
     cache_dir: str | None = None
     skip_bad_images: bool = False
+    train_split: str = "train"
+    test_split: str | None = None     # None: test, else validation (or val)
 
     @classmethod
     def from_config(cls, config) -> DecodeOptions:
         return cls(**{field.name: getattr(config, field.name) for field in dataclasses.fields(cls)})
+
+    @property
+    def selection(self) -> Selection:
+        return Selection(self.train_split, self.test_split, self.image_column, self.label_column)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSource:
+    """Images not yet decoded, as the cache sees them: a folder, or a Hub dataset `datasets` downloaded."""
+
+    name: str                       # the folder, or hf://OWNER/NAME: for messages and config.json
+    label: str                      # a readable start for the entry's folder name
+    layout: str
+    content: str                    # what identifies the source's bytes (see `fingerprint`)
+    read: Callable[[], FolderData]  # both splits' undecoded images and the class names
 
 
 class Damaged(Exception):
@@ -66,20 +85,31 @@ def cache_root(cache_dir: str | None) -> Path:
     return Path(base) / "vgg_dist" / "datasets"
 
 
-def fingerprint(data_dir: Path, layout: str, options: DecodeOptions) -> str:
-    """The entry's name: the folder's name (for people) and a hash of everything that decides its contents."""
+def folder_source(data_dir: Path, layout: str, selection: Selection) -> ImageSource:
+    return ImageSource(name=str(data_dir), label=data_dir.resolve().name or "root", layout=layout,
+                       content=folder_content(data_dir), read=lambda: read_folder(data_dir, layout, selection))
+
+
+def folder_content(data_dir: Path) -> str:
+    """A hash of every file's relative path, size and modification time: a changed or added file changes it."""
     digest = hashlib.sha256()
-    stored = {"version": CACHE_VERSION, "layout": layout, "channels": options.channels,
-              "size": options.data_size or f"own or {options.image_size}", "image_column": options.image_column,
-              "label_column": options.label_column, "skip_bad_images": options.skip_bad_images}
-    digest.update(json.dumps(stored, sort_keys=True).encode())
     for folder, subfolders, files in os.walk(data_dir):
         subfolders.sort()
         for name in sorted(files):
             path = Path(folder, name)
             status = path.stat()
             digest.update(f"{path.relative_to(data_dir)}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
-    return f"{data_dir.resolve().name or 'root'}-{digest.hexdigest()[:20]}"
+    return digest.hexdigest()
+
+
+def fingerprint(source: ImageSource, options: DecodeOptions) -> str:
+    """The entry's name: the source's label (for people) and a hash of everything that decides its contents."""
+    stored = {"version": CACHE_VERSION, "layout": source.layout, "channels": options.channels,
+              "size": options.data_size or f"own or {options.image_size}", "image_column": options.image_column,
+              "label_column": options.label_column, "skip_bad_images": options.skip_bad_images,
+              "train_split": options.train_split, "test_split": options.test_split, "content": source.content}
+    digest = hashlib.sha256(json.dumps(stored, sort_keys=True).encode())
+    return f"{source.label}-{digest.hexdigest()[:20]}"
 
 
 @contextlib.contextmanager
@@ -100,17 +130,22 @@ def locked(path: Path):
 
 def load_folder(data_dir: Path, layout: str, options: DecodeOptions) -> ImageData:
     """The folder's images from the cache, decoding them first when no whole entry holds them."""
+    return load_cached(folder_source(data_dir, layout, options.selection), options)
+
+
+def load_cached(source: ImageSource, options: DecodeOptions) -> ImageData:
+    """The source's images from the cache, decoding them first when no whole entry holds them."""
     root = cache_root(options.cache_dir)
-    key = fingerprint(data_dir, layout, options)
+    key = fingerprint(source, options)
     entry = root / key
     try:
         with locked(root / "locks" / f"{key}.lock"):
             hit = _usable(entry)
             if not hit:
-                build(data_dir, layout, options, entry)
+                build(source, options, entry)
     except OSError as error:  # the source's files are read through images.py, which names them itself
         raise UsageError(_write_error(root, error)) from None
-    return read_entry(entry, data_dir, hit)
+    return read_entry(entry, source.name, hit)
 
 
 def _write_error(root: Path, error: OSError) -> str:
@@ -156,7 +191,7 @@ def _check(entry: Path) -> dict:
     return meta
 
 
-def read_entry(entry: Path, data_dir: Path, hit: bool) -> ImageData:
+def read_entry(entry: Path, source_name: str, hit: bool) -> ImageData:
     """The entry as an ImageData whose images are memory-mapped, copy-on-write: writable tensors (torch
     warns on read-only ones) whose pages stay shared with every other reader until written, never."""
     try:
@@ -171,18 +206,17 @@ def read_entry(entry: Path, data_dir: Path, hit: bool) -> ImageData:
     record = DataRecord(layout=meta["layout"], fingerprint=entry.name, cache_hit=hit, cache_entry=str(entry),
                         channel_mean=meta["mean"], channel_std=meta["std"], skipped_images=meta["skipped_images"],
                         skipped_paths=meta["skipped_paths"][:SKIPPED_LISTED])
-    return ImageData(splits["train"], splits["test"], tuple(meta["class_names"]), source=str(data_dir),
-                     record=record)
+    return ImageData(splits["train"], splits["test"], tuple(meta["class_names"]), source=source_name, record=record)
 
 
-def build(data_dir: Path, layout: str, options: DecodeOptions, entry: Path) -> None:
-    """Decode the folder into `entry`, built under a temporary name and renamed into place whole."""
-    folder = read_folder(data_dir, layout, options.image_column, options.label_column)
+def build(source: ImageSource, options: DecodeOptions, entry: Path) -> None:
+    """Decode the source into `entry`, built under a temporary name and renamed into place whole."""
+    folder = source.read()
     workers = options.decode_workers or decode.default_workers()
     skipped = []
     channels, size = stored_form(folder.splits["train"], options, workers)
     count = sum(len(items.labels) for items in folder.splits.values())
-    print(f"decoding {count:,} images from {data_dir} ({layout}) at {channels}x{size[0]}x{size[1]} into "
+    print(f"decoding {count:,} images from {source.name} ({source.layout}) at {channels}x{size[0]}x{size[1]} into "
           f"{entry} with {workers} worker{'s' if workers > 1 else ''}", flush=True)
     started = time.perf_counter()
     for abandoned in entry.parent.glob(f".tmp-{entry.name}-*"):  # a killed build's; we hold the lock
@@ -278,17 +312,3 @@ def _meta(directory: Path, folder: FolderData, files: dict, skipped: list[str]) 
     return {"version": CACHE_VERSION, "layout": folder.layout, "class_names": list(folder.class_names),
             "mean": mean, "std": std, "skipped_images": len(skipped), "skipped_paths": skipped[:SKIPPED_LISTED],
             "files": files}
-
-
-def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation of uint8 [N, C, H, W] images, on a 0-1 scale."""
-    sums = np.zeros(images.shape[1], dtype=np.float64)
-    squares = np.zeros(images.shape[1], dtype=np.float64)
-    for start in range(0, len(images), STATS_CHUNK):
-        chunk = images[start:start + STATS_CHUNK].astype(np.float64) / 255.0
-        sums += chunk.sum(axis=(0, 2, 3))
-        squares += np.square(chunk).sum(axis=(0, 2, 3))
-    count = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = sums / count
-    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
-    return [round(float(value), 6) for value in mean], [round(float(value), 6) for value in std]

@@ -18,8 +18,10 @@ from pathlib import Path
 
 from vgg_dist.errors import UsageError
 
-IDX, IMAGE_FOLDER, SAVED, PARQUET = "idx", "imagefolder", "save_to_disk", "parquet"
-TEST_NAMES = {IMAGE_FOLDER: ("test", "val"), SAVED: ("test", "validation"), PARQUET: ("test", "validation")}
+IDX, IMAGE_FOLDER, SAVED, PARQUET, HUB = "idx", "imagefolder", "save_to_disk", "parquet", "hub"
+# The split evaluated on when --test-split does not name one: the first of these that the source has.
+TEST_NAMES = {IMAGE_FOLDER: ("test", "val"), SAVED: ("test", "validation"), PARQUET: ("test", "validation"),
+              HUB: ("test", "validation")}
 EXPECTED = ("Zalando's four IDX files (train-images-idx3-ubyte.gz, ...); an ImageFolder tree (train/CLASS/*, and "
             "test/CLASS/* or val/CLASS/*); a `datasets` save_to_disk folder (dataset_dict.json); or Hub-style "
             "parquet files (data/train-*.parquet, data/test-*.parquet)")
@@ -33,6 +35,17 @@ class SplitItems:
     names: list[str]
     blobs: list[bytes | None]
     labels: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which splits and columns of a source to use (the --train-split, --test-split, --image-column and
+    --label-column flags); None picks the default, or the only candidate."""
+
+    train_split: str = "train"
+    test_split: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
 
 
 @dataclasses.dataclass
@@ -59,27 +72,59 @@ def detect_layout(data_dir: Path) -> str:
     raise UsageError(f"--data-dir {data_dir}: found {listed}; expected one of: {EXPECTED}")
 
 
-def read_folder(data_dir: Path, layout: str, image_column: str | None, label_column: str | None) -> FolderData:
+def read_folder(data_dir: Path, layout: str, selection: Selection) -> FolderData:
     """The images of both splits and the class names, checked: an empty split or class is refused."""
+    where = f"--data-dir {data_dir}"
+    available = split_names(data_dir, layout)
+    train, test = choose_splits(where, available, layout, selection)
     if layout == IMAGE_FOLDER:
-        return _read_image_folder(data_dir)
-    tables = {split: _read_table(data_dir, layout, split) for split in ("train", *TEST_NAMES[layout])}
-    test_name = next((name for name in TEST_NAMES[layout] if tables[name] is not None), None)
-    if tables["train"] is None or test_name is None:
-        missing = "train" if tables["train"] is None else " or ".join(TEST_NAMES[layout])
-        raise UsageError(f"--data-dir {data_dir}: no {missing} split; it needs a train and a test split")
-    image, label = choose_columns(data_dir, tables["train"].schema, image_column, label_column)
-    names = _features(tables["train"].schema)[label].get("names") or []
-    splits = {split: _table_items(data_dir / f"{split}", tables[name], image, label)
-              for split, name in (("train", "train"), ("test", test_name))}
+        return _read_image_folder(data_dir / train, data_dir / test)
+    tables = (_read_table(data_dir, layout, train), _read_table(data_dir, layout, test))
+    return table_data(where, layout, tables, _features(tables[0].schema), selection)
+
+
+def table_data(where: str, layout: str, tables: tuple, features: dict[str, dict], selection: Selection) -> FolderData:
+    """The images and labels of a (train, test) pair of Arrow tables written by `datasets`, whose `features`
+    say which columns hold images and class labels."""
+    image, label = choose_columns(where, features, selection.image_column, selection.label_column)
+    names = features[label].get("names") or []
+    splits = {split: _table_items(f"{where}, {split} split", table, image, label)
+              for split, table in zip(("train", "test"), tables)}
     for split, items in splits.items():
         if not items.labels:
-            raise UsageError(f"--data-dir {data_dir}: the {split} split holds no images")
+            raise UsageError(f"{where}: the {split} split holds no images")
         bad = next((row for row, value in enumerate(items.labels) if not 0 <= value < len(names)), None)
         if bad is not None:
             raise UsageError(f"{items.names[bad]}: label {items.labels[bad]} is not one of the {len(names)} classes "
                              f"of column {label!r}")
     return FolderData(layout, splits, tuple(names))
+
+
+def split_names(data_dir: Path, layout: str) -> list[str]:
+    """The splits a folder of `layout` holds, by name."""
+    if layout == IMAGE_FOLDER:
+        return sorted(path.name for path in data_dir.iterdir() if path.is_dir() and not path.name.startswith("."))
+    if layout == SAVED:
+        return sorted(path.parent.name for path in data_dir.glob("*/state.json"))
+    files = [path.name for folder in (data_dir / "data", data_dir) for path in folder.glob("*.parquet")]
+    return sorted({name.split("-")[0].removesuffix(".parquet") for name in files})
+
+
+def choose_splits(where: str, available: list[str], layout: str, selection: Selection) -> tuple[str, str]:
+    """(training split, test split): as --train-split and --test-split say, the test split defaulting to the
+    first of the layout's usual names that exists (test, then validation or val)."""
+    listed = ", ".join(available) or "none"
+    if selection.train_split not in available:
+        raise UsageError(f"{where}: no {selection.train_split!r} split (its splits: {listed}); name the training "
+                         f"split with --train-split")
+    test = selection.test_split or next((name for name in TEST_NAMES[layout] if name in available), None)
+    if test is None or test not in available:
+        wanted = repr(test) if test else " or ".join(TEST_NAMES[layout])
+        raise UsageError(f"{where}: no {wanted} split (its splits: {listed}); name the split to test on with "
+                         f"--test-split")
+    if test == selection.train_split:
+        raise UsageError(f"--test-split {test}: is the training split too; testing on it would measure nothing")
+    return selection.train_split, test
 
 
 # ---- ImageFolder ----------------------------------------------------------------------------------------
@@ -92,17 +137,14 @@ def image_suffixes() -> set[str]:
     return set(Image.registered_extensions())
 
 
-def _read_image_folder(data_dir: Path) -> FolderData:
-    test_dir = next((data_dir / name for name in TEST_NAMES[IMAGE_FOLDER] if (data_dir / name).is_dir()), None)
-    if test_dir is None:
-        raise UsageError(f"--data-dir {data_dir}: has train/ but no test/ or val/ folder of classes")
+def _read_image_folder(train_dir: Path, test_dir: Path) -> FolderData:
     suffixes = image_suffixes()
-    train = _class_files(data_dir / "train", suffixes)
+    train = _class_files(train_dir, suffixes)
     test = _class_files(test_dir, suffixes)
     class_names = tuple(sorted(train))
     unknown = sorted(set(test) - set(train))
     if unknown:
-        raise UsageError(f"--data-dir {data_dir}: {test_dir.name}/ has classes that train/ lacks "
+        raise UsageError(f"--data-dir {train_dir.parent}: {test_dir.name}/ has classes that {train_dir.name}/ lacks "
                          f"({', '.join(unknown[:5])}); every test class needs training images")
     splits = {}
     for split, classes in (("train", train), ("test", test)):
@@ -163,25 +205,25 @@ def _features(schema) -> dict[str, dict]:
     return {name: value for name, value in features.items() if isinstance(value, dict)}
 
 
-def choose_columns(data_dir: Path, schema, image_column: str | None, label_column: str | None) -> tuple[str, str]:
+def choose_columns(where: str, features: dict[str, dict], image_column: str | None,
+                   label_column: str | None) -> tuple[str, str]:
     """(image column, label column) from the features: given by flag, or the only candidate of its kind."""
-    features = _features(schema)
     chosen = []
     wanted = (("Image", image_column, "--image-column"), ("ClassLabel", label_column, "--label-column"))
     for kind, given, flag in wanted:
         candidates = [name for name, feature in features.items() if feature.get("_type") == kind]
         if given is not None and given not in candidates:
-            raise UsageError(f"{flag} {given}: not a{'n' if kind == 'Image' else ''} {kind} column of --data-dir "
-                             f"{data_dir}; its {kind} columns: {', '.join(candidates) or 'none'}")
+            raise UsageError(f"{flag} {given}: not a{'n' if kind == 'Image' else ''} {kind} column of {where}; "
+                             f"its {kind} columns: {', '.join(candidates) or 'none'}")
         if given is None and len(candidates) != 1:
             which = f"several {kind} columns ({', '.join(candidates)})" if candidates else f"no {kind} column"
-            raise UsageError(f"--data-dir {data_dir}: {which}; name the one to use with {flag}")
+            raise UsageError(f"{where}: {which}; name the one to use with {flag}")
         chosen.append(given or candidates[0])
     return chosen[0], chosen[1]
 
 
-def _table_items(where: Path, table, image: str, label: str) -> SplitItems:
-    """Each row's image bytes (or the file it names) and label; rows are named `<split> row N` in messages."""
+def _table_items(where: str, table, image: str, label: str) -> SplitItems:
+    """Each row's image bytes (or the file it names) and label; rows are named `<where> row N` in messages."""
     cells = table.column(image).to_pylist()
     labels = table.column(label).to_pylist()
     names, blobs = [], []

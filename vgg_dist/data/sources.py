@@ -1,8 +1,10 @@
-"""Where a dataset comes from: Fashion-MNIST (or MNIST) as uint8 tensors, read from Zalando's IDX files
-or the Hugging Face Hub, with its class names (the dataset's own or a --class-names file).
+"""Where a dataset comes from, as uint8 tensors with its class names: Fashion-MNIST or MNIST read whole
+from Zalando's IDX files or the Hugging Face Hub; any other Hub dataset or folder of images through the
+decode-once cache (cache.py, hub_images.py).
 
-Images stay 28x28 uint8 until a whole batch is on the training device; `batches.to_model_input` then
-resizes and scales them there, far cheaper than resizing each image with PIL in a DataLoader worker.
+Images stay at their stored size, uint8, until a whole batch is on the training device;
+`batches.to_model_input` then resizes and scales them there, far cheaper than resizing each image with PIL
+in a DataLoader worker.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import dataclasses
 import gzip
 import math
 import os
+import re
 import socket
 import struct
 import sys
 import urllib.parse
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,8 +31,11 @@ from vgg_dist.errors import UsageError
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     hub_id: str
-    class_names: tuple[str, ...]
     download_hint: str
+    class_names: tuple[str, ...] = ()  # for IDX files, which carry none; a Hub dataset's features name its own
+    whole_arrays: bool = False         # 28x28 grey: read whole into memory every run, no cache needed
+    image_column: str | None = None    # the default --image-column and --label-column
+    label_column: str | None = None
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -36,14 +43,27 @@ DATASETS: dict[str, DatasetInfo] = {
         hub_id="zalando-datasets/fashion_mnist",
         class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        download_hint="https://github.com/zalandoresearch/fashion-mnist#get-the-data",
+        download_hint="https://github.com/zalandoresearch/fashion-mnist#get-the-data", whole_arrays=True,
     ),
     "mnist": DatasetInfo(
         hub_id="ylecun/mnist",
         class_names=tuple(str(digit) for digit in range(10)),
-        download_hint="https://yann.lecun.com/exdb/mnist/ (or any mirror of its four files)",
+        download_hint="https://yann.lecun.com/exdb/mnist/ (or any mirror of its four files)", whole_arrays=True,
     ),
+    "cifar10": DatasetInfo(hub_id="uoft-cs/cifar10", image_column="img", label_column="label",
+                           download_hint="https://huggingface.co/datasets/uoft-cs/cifar10"),
+    # CIFAR-100's images carry a fine label (100 classes) and a coarse one (20 superclasses).
+    "cifar100": DatasetInfo(hub_id="uoft-cs/cifar100", image_column="img", label_column="fine_label",
+                            download_hint="https://huggingface.co/datasets/uoft-cs/cifar100"),
 }
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def check_dataset_name(name: str) -> None:
+    """A built-in name or a Hub id (OWNER/NAME); anything else is refused in one line."""
+    if name not in DATASETS and not HUB_ID.fullmatch(name):
+        raise UsageError(f"--dataset {name!r}: not a built-in dataset ({', '.join(DATASETS)}) nor a Hub dataset id "
+                         f"(OWNER/NAME, such as uoft-cs/cifar10)")
 
 # Both datasets ship the same four file names.
 SPLIT_FILES = {
@@ -197,29 +217,37 @@ def hub_reachable() -> bool:
     return True
 
 
-def load_from_hub(dataset: str, class_names: tuple[str, ...]) -> ImageData:
-    """Download (or reuse the cached) dataset through `datasets`; import it only here so the rest of
-    vgg_dist works on machines without it.
+def hub_dataset(hub_id: str, no_data: Callable[[str], str], prepare: Callable = lambda loaded: loaded):
+    """`prepare(datasets.load_dataset(hub_id))`: downloaded, or reused from `datasets`' cache. `datasets` is
+    imported only here, so the rest of vgg_dist works on machines without it. Any failure is a UsageError
+    whose message `no_data(reason)` writes.
 
-    When the Hub cannot be reached, `datasets` is put in offline mode before it is imported, so a
-    cached copy still loads and a missing one fails at once.
+    When the Hub cannot be reached, `datasets` is put in offline mode before it is imported, so a cached
+    copy still loads and a missing one fails at once, not after half a minute of retries.
     """
-    info = DATASETS[dataset]
     offline = os.environ.get(HUB_OFFLINE_VARIABLE, "").upper() in ("1", "ON", "YES", "TRUE")
     if not offline and "datasets" not in sys.modules and not hub_reachable():
         os.environ[HUB_OFFLINE_VARIABLE] = "1"  # read by `datasets` when it is imported, just below
         offline = True
     try:
         import datasets
-        loaded = datasets.load_dataset(info.hub_id).with_format("numpy")
-        columns = {name: loaded[name][:] for name in ("train", "test")}  # whole splits as arrays
+        return prepare(datasets.load_dataset(hub_id))
     except ImportError:
-        raise UsageError(no_data_message(dataset, "the `datasets` package is not installed")) from None
+        raise UsageError(no_data("the `datasets` package is not installed")) from None
+    except UsageError:
+        raise
     except Exception as error:  # offline, hub down, cache corrupt: all end the same way for the user
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        where = (f"the Hub is not reachable ({HUB_OFFLINE_VARIABLE}=1) and {info.hub_id} is not in the local cache"
-                 if offline else f"{info.hub_id} could not be loaded")
-        raise UsageError(no_data_message(dataset, f"{where} ({reason})")) from None
+        where = (f"the Hub is not reachable ({HUB_OFFLINE_VARIABLE}=1) and {hub_id} is not in the local cache"
+                 if offline else f"{hub_id} could not be loaded")
+        raise UsageError(no_data(f"{where} ({reason})")) from None
+
+
+def load_from_hub(dataset: str, class_names: tuple[str, ...]) -> ImageData:
+    """Fashion-MNIST or MNIST from the Hub, both splits read whole as arrays."""
+    info = DATASETS[dataset]
+    columns = hub_dataset(info.hub_id, lambda reason: no_data_message(dataset, reason),
+                          lambda loaded: {name: loaded.with_format("numpy")[name][:] for name in ("train", "test")})
     splits = {}
     for name, column in columns.items():
         if "image" not in column or "label" not in column:
@@ -248,21 +276,31 @@ def no_data_message(dataset: str, reason: str) -> str:
 def load_dataset(dataset: str, data_dir: str | os.PathLike | None,
                  class_names: tuple[str, ...] | None = None, options=None) -> ImageData:
     """The dataset's two splits, named by `class_names` when given (a --class-names file), else by the
-    dataset's own names. A --data-dir that is not IDX files is decoded once into the cache, as
-    `options` (a cache.DecodeOptions) say; its class names are its own."""
-    if dataset not in DATASETS:
-        raise UsageError(f"--dataset {dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
-    names = class_names or DATASETS[dataset].class_names
+    dataset's own names. Anything but IDX files and the Hub's Fashion-MNIST and MNIST is decoded once into
+    the cache, as `options` (a cache.DecodeOptions) say; its class names are its own."""
+    from vgg_dist.data.cache import DecodeOptions, load_folder  # the cache needs this module's Split
+    from vgg_dist.data.folders import IDX, detect_layout
+    from vgg_dist.data.hub_images import load_hub_images
+    check_dataset_name(dataset)
+    info = DATASETS.get(dataset)
+    options = options or DecodeOptions()
+    if info is not None:  # the dataset's own columns, unless the flags name others
+        options = dataclasses.replace(options, image_column=options.image_column or info.image_column,
+                                      label_column=options.label_column or info.label_column)
+    names = class_names or (info.class_names if info else ())
     if data_dir is not None:
-        from vgg_dist.data.cache import DecodeOptions, load_folder  # the cache needs this module's Split
-        from vgg_dist.data.folders import IDX, detect_layout
         if not Path(data_dir).is_dir():
             raise UsageError(f"--data-dir {data_dir}: not a directory")
         layout = detect_layout(Path(data_dir))
         if layout != IDX:
-            return load_folder(Path(data_dir), layout, options or DecodeOptions())
+            return load_folder(Path(data_dir), layout, options)
+        if not names:
+            raise UsageError(f"--data-dir {data_dir}: IDX files carry no class names and --dataset {dataset} names "
+                             f"none; give them with --class-names FILE")
         return load_from_dir(Path(data_dir), names)
-    return load_from_hub(dataset, names)
+    if info is not None and info.whole_arrays:
+        return load_from_hub(dataset, names)
+    return load_hub_images(dataset, info.hub_id if info else dataset, options)
 
 
 CLASS_NAMES_LIMIT = 1 << 20  # bytes; a list of names, not a dataset
@@ -302,3 +340,18 @@ def border_mean(images: torch.Tensor) -> float:
     return round(edges.mean().item(), 2)
 
 
+STATS_CHUNK = 1024  # images per step of the mean/std pass: bounded memory for any dataset
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 [N, C, H, W] images, on a 0-1 scale."""
+    sums = np.zeros(images.shape[1], dtype=np.float64)
+    squares = np.zeros(images.shape[1], dtype=np.float64)
+    for start in range(0, len(images), STATS_CHUNK):
+        chunk = images[start:start + STATS_CHUNK].astype(np.float64) / 255.0
+        sums += chunk.sum(axis=(0, 2, 3))
+        squares += np.square(chunk).sum(axis=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = sums / count
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+    return [round(float(value), 6) for value in mean], [round(float(value), 6) for value in std]

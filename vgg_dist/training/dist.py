@@ -122,7 +122,7 @@ def evaluate(accelerator: Accelerator, model, loader, spec: ModelSpec, channels_
     # The model may be one Accelerate did not prepare (an EMA copy): give it the run's autocast too.
     with torch.no_grad(), accelerator.autocast():
         for images, labels in loader:
-            scores = log_probabilities(model, to_model_input(images, spec.image_size, channels_last), tta)
+            scores = log_probabilities(model, to_model_input(images, spec.image_size, channels_last, spec.input_mean, spec.input_std), tta)
             losses = F.nll_loss(scores, labels, reduction="none")
             predictions = scores.argmax(dim=1)
             predictions, labels, losses = accelerator.gather_for_metrics((predictions, labels, losses))

@@ -160,26 +160,28 @@ def update(state: TrainState, run: Run, images: torch.Tensor, labels: torch.Tens
             images, labels, judged_by = run.augment.mix(images, labels, draws, run.spec.num_classes, gather)
     state.optimizer.zero_grad(set_to_none=True)
     if config.grad_accum_steps == 1:
-        loss, logits = forward_backward(state, config, images, labels, 1)
+        loss, logits = forward_backward(state, run, images, labels, 1)
     else:
-        loss, logits = accumulate(state, config, images, labels)
+        loss, logits = accumulate(state, run, images, labels)
     if config.clip_grad_norm is not None:
         state.accelerator.clip_grad_norm_(state.model.parameters(), config.clip_grad_norm)
     state.optimizer.step()
     return loss, logits, judged_by
 
 
-def forward_backward(state: TrainState, config: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
+def forward_backward(state: TrainState, run: Run, images: torch.Tensor, labels: torch.Tensor,
                      micro_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of one (micro-)batch, adding its gradients to those already there; the loss is
     divided by the number of micro-batches so that the sum of their gradients is the whole batch's mean."""
-    logits = state.model(to_model_input(images, config.image_size, config.channels_last))
+    config, spec = run.config, run.spec or ModelSpec()  # a benchmark's Run has no spec: unstandardised input
+    x = to_model_input(images, config.image_size, config.channels_last, spec.input_mean, spec.input_std)
+    logits = state.model(x)
     loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
     state.accelerator.backward(loss if micro_batches == 1 else loss / micro_batches)
     return loss.detach(), logits.detach()
 
 
-def accumulate(state: TrainState, config: TrainConfig, images: torch.Tensor,
+def accumulate(state: TrainState, run: Run, images: torch.Tensor,
                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient accumulation inside one optimizer step: this process's rows in --grad-accum-steps equal
     micro-batches, in order, so that micro-batch k of process p holds the same images on any processes x K
@@ -190,12 +192,12 @@ def accumulate(state: TrainState, config: TrainConfig, images: torch.Tensor,
     micro-batches, so a window could straddle a sync point or a checkpoint. Here the whole window lies inside
     one step, so steps, the schedule, checkpoints and the running sums stay counted in optimizer steps and a
     stop signal always lands between windows. DDP all-reduces once, in the last micro-batch's backward."""
-    micro_batches = config.grad_accum_steps
+    micro_batches = run.config.grad_accum_steps
     losses, logits = [], []
     for index, (part, part_labels) in enumerate(zip(images.chunk(micro_batches), labels.chunk(micro_batches))):
         last = index == micro_batches - 1
         with contextlib.nullcontext() if last else state.accelerator.no_sync(state.model):
-            loss, part_logits = forward_backward(state, config, part, part_labels, micro_batches)
+            loss, part_logits = forward_backward(state, run, part, part_labels, micro_batches)
         losses.append(loss)
         logits.append(part_logits)
     return torch.stack(losses).mean(), torch.cat(logits)
