@@ -198,3 +198,12 @@ def test_help_shows_each_flags_default_and_a_recipes_own_values():
 def test_class_names_that_are_not_a_file_say_so(tmp_path):
     assert refusal("--class-names", str(tmp_path)) == f"--class-names {tmp_path}: not a regular file; give a " \
                                                        f"text file with one class name per line"
+
+
+def test_recipes_beyond_the_chapter_standardise_and_pretrained_weights_get_imagenets_statistics(tmp_path):
+    assert parse().normalize == "none" and parse("--recipe", "fast").normalize == "dataset"
+    assert parse("--recipe", "best").normalize == "dataset"
+    full_size = ["--width-divisor", "1", "--hidden-size", "4096"]
+    assert parse("--pretrained", *full_size).normalize == "imagenet"
+    assert parse("--pretrained", *full_size, "--recipe", "fast").normalize == "imagenet"
+    assert parse("--pretrained", *full_size, "--normalize", "none").normalize == "none"

@@ -315,3 +315,13 @@ def test_a_thin_sliver_is_cropped_before_it_is_resized():
     sliver = torch.arange(5_000_000, dtype=torch.int64).remainder(256).to(torch.uint8).view(1, 1, 5_000_000)
     fitted = fit_to(sliver, (28, 28))  # resized first, this would allocate about 15 GB
     assert fitted.shape == (1, 28, 28)
+
+
+def test_standardised_input_is_the_scaled_input_less_the_mean_over_the_std_per_channel():
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    mean, std = [0.1, 0.5, 0.9], [0.2, 0.25, 0.5]
+    plain, standardised = to_model_input(images, 32), to_model_input(images, 32, mean=mean, std=std)
+    for channel in range(3):
+        expected = (plain[:, channel] - mean[channel]) / std[channel]
+        assert torch.allclose(standardised[:, channel], expected, atol=1e-6)
+    assert torch.equal(to_model_input(images, 32, mean=None, std=None), plain)  # the chapter's arithmetic, untouched

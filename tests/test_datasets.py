@@ -127,6 +127,23 @@ def test_an_older_config_json_without_a_data_record_still_reads_and_evaluate_reu
     assert read_run_info(run_dir).data is None
 
 
+def test_normalize_dataset_records_the_training_statistics_and_evaluate_reproduces_the_run(tmp_path, tiny_data):
+    from vgg_dist import evaluate
+    from vgg_dist.data.sources import channel_stats, load_from_dir
+    data = image_folder(tmp_path / "photos")
+    run_dir, _, _ = train_here(tmp_path, data, *QUICK, "--normalize", "dataset", "--cache-dir", str(tmp_path / "cache"))
+    info = config_json(run_dir)
+    assert info["model"]["input_mean"] == info["data"]["channel_mean"] and len(info["model"]["input_std"]) == 3
+    code, stdout, stderr = run_main(evaluate.main, ["--checkpoint", str(run_dir)])
+    assert code == 0, stderr
+    assert json.loads(stdout.splitlines()[-1])["test_acc"] == info["final_metrics"]["test_acc"]
+    # IDX files carry no record: their statistics are computed from the training split, the same way.
+    idx_run, _, _ = train_here(tmp_path, tiny_data, *QUICK, "--normalize", "dataset", name="idx")
+    train_images = load_from_dir(tiny_data, tuple("0123456789")).train.images.numpy()
+    assert config_json(idx_run)["model"]["input_mean"] == channel_stats(train_images)[0]
+    assert config_json(run_dir.parent / "idx")["model"]["input_std"] == channel_stats(train_images)[1]
+
+
 def load(data_dir: Path, cache: Path, **options):
     return load_dataset("fashion_mnist", data_dir, None, DecodeOptions(cache_dir=str(cache), decode_workers=1,
                                                                        **options))
