@@ -75,3 +75,25 @@ def test_compile_compiles_the_timed_model_and_a_second_run_reuses_the_cache(tmp_
     assert first["compile_cache"]["fx_graph_misses"] > 0 and first["compile_cache"]["fx_graph_hits"] == 0
     assert second["compile_cache"]["fx_graph_hits"] > 0 and second["compile_cache"]["fx_graph_misses"] == 0
     assert any((tmp_path / "cache" / "vgg_dist" / "torchinductor").iterdir())
+
+
+@pytest.mark.slow
+def test_bench_on_an_image_folder_compares_reading_it_with_torchvision(tmp_path):
+    from test_datasets import image_folder
+    folder, out = image_folder(tmp_path / "photos", per_class=40), tmp_path / "bench.json"
+    for gif in folder.rglob("*.gif"):  # torchvision's ImageFolder takes no GIFs: time both on the same files
+        gif.unlink()
+    env = quiet_env(XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    result = run_bounded([sys.executable, "-m", "vgg_dist.bench", *TINY_BENCH, "--steps", "2", "--data-dir",
+                          str(folder), "--json", str(out)], timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    loading = json.loads(out.read_text())["folder_loader"]
+    for key in ("torchvision_images_per_sec", "first_decode_images_per_sec", "cached_images_per_sec",
+                "first_decode_one_worker_images_per_sec"):
+        assert loading[key] > 0, key
+    details = loading["details"]
+    pictures = {split: len([path for path in (folder / split).rglob("*") if path.suffix in (".png", ".jpg")])
+                for split in ("train", "test")}
+    assert details["torchvision"]["images"] == details["cached"]["images"] == pictures["train"]  # the same files
+    assert details["first_decode"]["images"] == pictures["train"] + pictures["test"] and "baseline" not in json.loads(out.read_text())
+    assert "torchvision ImageFolder" in result.stdout and "cached epoch" in result.stdout

@@ -11,6 +11,10 @@ Three measurements in one run, each after warm-up steps that are not timed:
   loader     vgg_dist's input pipeline alone (batch indexing, transfer, on-device resize)
 Images/s count images through the whole step, data loading included. Results print as a table and
 are written as JSON.
+
+With `--data-dir` holding an ImageFolder tree, the chapter's baseline (a loader of 28x28 grey tensors)
+gives way to a comparison of reading the folder (vgg_dist/bench_decode.py): the first decode into the
+cache, an epoch from the cache, and torchvision's ImageFolder DataLoader; the JSON's `folder_loader`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ import torch.nn.functional as F
 
 from vgg_dist.cli import FlagParser, check_positive
 from vgg_dist.config import COMPILE_MODES, TrainConfig
+from vgg_dist.bench_decode import compare_folder_loading, format_folder_table
 from vgg_dist.data.batches import EpochBatchSampler, to_model_input
+from vgg_dist.data.cache import DecodeOptions
+from vgg_dist.data.folders import IMAGE_FOLDER, detect_layout
 from vgg_dist.data.sources import Split, load_dataset
 from vgg_dist.data.synthetic import make_images
 from vgg_dist.errors import UsageError, exit_process, exits_cleanly_on_stop
@@ -99,7 +106,7 @@ def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, wa
     """vgg_dist's own `train_step` over a prepared model, optimizer and loader, meeting the other
     processes every --sync-every steps as `fit` does. With `profile`, a few more steps then run under
     torch.profiler and its table of where the time went is written there."""
-    model, optimizer = build_model_and_optimizer(accelerator, config, config.model_spec(1, 10))
+    model, optimizer = build_model_and_optimizer(accelerator, config, config.model_spec(split.images.shape[1], 10))
     loaders = []
     for count in (warmup, steps):
         sampler = EpochBatchSampler(count * config.batch_size, config.batch_size, shuffle=True, drop_last=True,
@@ -204,7 +211,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width-divisor", type=int, default=4, help="conv channels divided by this")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
-    parser.add_argument("--data-dir", help="time on real IDX files instead of synthetic 60k 28x28 images")
+    parser.add_argument("--data-dir", help="time on real IDX files instead of synthetic 60k 28x28 images; an "
+                                           "ImageFolder tree adds the comparison of reading it (folder_loader)")
     parser.add_argument("--baseline-workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader workers for the baseline (the chapter uses 4)")
     parser.add_argument("--skip-baseline", action="store_true", help="time vgg_dist and its loader only")
@@ -263,8 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     check_layout(accelerator, config.batch_size)
     check_cuda_graphs(accelerator, config)
     needed = (args.warmup + args.steps) * config.batch_size  # the baseline's batches, each image once
+    folder = args.data_dir is not None and Path(args.data_dir).is_dir() and \
+        detect_layout(Path(args.data_dir)) == IMAGE_FOLDER
+    folder_loader = None
+    if folder and accelerator.is_main_process:
+        folder_loader = compare_folder_loading(Path(args.data_dir), args.image_size, args.batch_size,
+                                               accelerator.device)
+        print(format_folder_table(folder_loader), flush=True)
     if args.data_dir:
-        split = load_dataset("fashion_mnist", args.data_dir).train
+        with accelerator.main_process_first():
+            split = load_dataset("fashion_mnist", args.data_dir, None, DecodeOptions(data_size=args.image_size)).train
     else:  # Fashion-MNIST's shape, 28x28 uint8; as many images as the measurements take, up to its 60,000
         images, labels = make_images(min(60_000, max(needed, LOADER_STEPS_PER_STEP * args.steps * config.batch_size)))
         split = Split(images.unsqueeze(1), labels.long())
@@ -284,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         "fused_pool": args.fused_pool, "cuda_graphs": args.cuda_graphs, "channels_last": config.channels_last,
         "data": args.data_dir or f"synthetic {len(split)}x28x28 uint8", "command": " ".join(sys.argv),
     }
-    if not args.skip_baseline and accelerator.num_processes == 1:
+    if folder_loader is not None:
+        result["folder_loader"] = folder_loader
+    if not args.skip_baseline and not folder and accelerator.num_processes == 1:
         result["baseline"] = time_baseline(split, config, accelerator.device, args.steps, args.warmup,
                                            args.baseline_workers)
     result["vgg_dist"] = time_vgg_dist(accelerator, split, config, args.steps, args.warmup,

@@ -22,7 +22,7 @@ from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin, snap
 from huggingface_hub.repocard_data import EvalResult
 from torch import nn
 
-from vgg_dist.data.images import fit_to, to_channels
+from vgg_dist.data.images import fit_image, fit_to
 from vgg_dist.data.sources import DATASETS
 from vgg_dist.model import count_parameters
 from vgg_dist.pretrained import TORCHVISION
@@ -77,11 +77,11 @@ class VGG(nn.Module, PyTorchModelHubMixin, library_name="vgg_dist", pipeline_tag
     def _to_stored_one(self, image) -> torch.Tensor:
         channels, size = self.info.model.in_channels, tuple(self.info.source_image_size)
         if not isinstance(image, torch.Tensor):
-            image = to_channels(image, channels)  # a PIL image, converted as image files are
-        elif image.dtype != torch.uint8 or image.dim() != 3:
+            return fit_image(image, channels, size)  # a PIL image, converted and fitted as image files are
+        if image.dtype != torch.uint8 or image.dim() != 3:
             # Float images could mean 0-1 or 0-255; guessing would silently shift every prediction.
             raise ValueError(f"expected uint8 images [C, h, w], got {image.dtype} {list(image.shape)}")
-        elif image.shape[0] != channels:
+        if image.shape[0] != channels:
             raise ValueError(f"expected {channels}-channel images, got {image.shape[0]} channels; pass PIL "
                              f"images to have them converted")
         return image.cpu() if tuple(image.shape[1:]) == size else fit_to(image.cpu(), size)

@@ -33,7 +33,7 @@ from vgg_dist.data.folders import FolderData, Selection, SplitItems, read_folder
 from vgg_dist.data.sources import DataRecord, ImageData, Split, channel_stats
 from vgg_dist.errors import UsageError
 
-CACHE_VERSION = 1  # raise when what an entry holds changes: older entries are then simply not found
+CACHE_VERSION = 2  # raise when what an entry holds changes: older entries are then simply not found
 META_NAME = "meta.json"
 SKIPPED_LISTED = 5  # paths config.json lists of the images --skip-bad-images left out
 STATS_CHUNK = 1024  # images per step of a compaction: bounded memory for any dataset
