@@ -144,6 +144,17 @@ def test_normalize_dataset_records_the_training_statistics_and_evaluate_reproduc
     assert config_json(run_dir.parent / "idx")["model"]["input_std"] == channel_stats(train_images)[1]
 
 
+def test_every_augmentation_and_tta_run_on_colour_images(tmp_path):
+    """The fast recipe (crops, flips, flip TTA, standardised input) with erasing, TrivialAugment, CutMix and
+    the weight EMA on top, on 3-channel images at a stored size that is not the model's."""
+    data = image_folder(tmp_path / "photos")
+    run_dir, stdout, _ = train_here(tmp_path, data, "--recipe", "fast", *QUICK, "--random-erase", "0.5", "--aa",
+                                    "trivial", "--cutmix", "1.0", "--model-ema", "--cache-dir", str(tmp_path / "cache"))
+    info = config_json(run_dir)
+    assert info["model"]["in_channels"] == 3 and len(info["model"]["input_mean"]) == 3
+    assert info["flags"]["tta"] is True and 0 <= info["final_metrics"]["test_acc"] <= 1
+
+
 def load(data_dir: Path, cache: Path, **options):
     return load_dataset("fashion_mnist", data_dir, None, DecodeOptions(cache_dir=str(cache), decode_workers=1,
                                                                        **options))

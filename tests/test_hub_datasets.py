@@ -137,3 +137,16 @@ def test_an_unreachable_hub_without_a_cached_copy_is_one_line_that_says_what_to_
 def test_a_malformed_dataset_name_is_refused_before_anything_runs(tmp_path):
     _, result = train_on_hub(tmp_path, "not a name")
     assert "not a built-in dataset" in refused(result) and "OWNER/NAME" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_launched_processes_read_a_hub_dataset_decoded_once(tmp_path):
+    from conftest import launch_command
+    hub_repo(tmp_path / "uoft-cs" / "cifar10", "img", {"label": CIFAR10_NAMES}, {"train": 16, "test": 6})
+    run_dir = tmp_path / "two"
+    command = launch_command(2, TRAIN_SCRIPT, "--dataset", "cifar10", "--output-dir", str(run_dir), *QUICK)
+    result = run_bounded(command, timeout=240, env=hub_env(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("decoding 22 images") == 1 and len(cache_entries(tmp_path)) == 1
+    info = config_json(run_dir)
+    assert info["launch"]["num_processes"] == 2 and info["test_samples"] == 6 and info["data"]["cache_hit"] is False

@@ -112,3 +112,11 @@ def test_a_short_fine_tuning_run_starts_from_the_file(tmp_path, tiny_data, vgg11
     torch.testing.assert_close(weights["9.weight"], state["classifier.3.weight"], atol=1e-6, rtol=0)
     assert weights["12.weight"].shape == (10, 4096)
     assert "test acc" in stdout
+    # ImageNet's statistics, averaged for the one grey channel, are recorded and named on the model card.
+    from vgg_dist.hub import model_card
+    from vgg_dist.store.run_files import read_run_info
+    info = read_run_info(run_dir)
+    assert (info.model.input_mean, info.model.input_std) == ([0.449], [0.226])
+    card = model_card(info, None, False, 0)
+    assert f"fine-tuned from the weights in `{vgg11_file}` (`--pretrained`)" in card
+    assert "standardised per channel with mean [0.449] and std [0.226]" in card
