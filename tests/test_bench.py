@@ -14,7 +14,8 @@ TINY_BENCH = ["--image-size", "32", "--width-divisor", "16", "--batch-size", "16
 def test_bench_times_baseline_vgg_dist_and_loader(tmp_path):
     out = tmp_path / "bench.json"
     result = run_bounded([sys.executable, "-m", "vgg_dist.bench", *TINY_BENCH, "--baseline-workers", "0",
-                          "--json", str(out), "--profile", str(tmp_path / "profile.txt")], timeout=300)
+                          "--json", str(out), "--profile", str(tmp_path / "profile.txt"), "--aa", "trivial",
+                          "--mixup", "0.2"], timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     for name in ("baseline", "vgg_dist", "loader"):
@@ -24,6 +25,11 @@ def test_bench_times_baseline_vgg_dist_and_loader(tmp_path):
     assert report["torch"] and report["device"] == "cpu" and report["precision"] == "no"
     assert report["vgg_dist"]["peak_memory_bytes"] > 0
     assert report["vgg_dist"]["compiled"] is False
+    # The same step again with the augmentation asked for, and its share of that step.
+    assert report["augmented"]["steps"] == 3 and report["augmented"]["flags"]["auto_augment"] == "trivial"
+    plain, augmented = (1 / report[name]["images_per_sec"] for name in ("vgg_dist", "augmented"))
+    assert report["augmentation_share"] == (augmented - plain) / augmented
+    assert "takes" in result.stdout and "of an augmented step" in result.stdout
     # Only the images the measurements take: the loader's 4 x 3 batches of 16.
     assert report["data"] == "synthetic 192x28x28 uint8"
     for line in ("baseline (chapter)", "vgg_dist loader only", "speedup vgg_dist / baseline", "peak memory"):

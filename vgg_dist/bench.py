@@ -9,6 +9,8 @@ Three measurements in one run, each after warm-up steps that are not timed:
   vgg_dist   the real training step and data path of `vgg_dist/train.py` (uint8 batches resized on
              the device, no per-step host sync, the launch's precision)
   loader     vgg_dist's input pipeline alone (batch indexing, transfer, on-device resize)
+  augmented  with any augmentation flag (--hflip, --aa, --mixup, ...): vgg_dist's step again with that
+             augmentation on, so its cost per step is measured against the step itself in one run
 Images/s count images through the whole step, data loading included. Results print as a table and
 are written as JSON.
 
@@ -20,6 +22,7 @@ cache, an epoch from the cache, and torchvision's ImageFolder DataLoader; the JS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -32,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vgg_dist.cli import FlagParser, check_positive
-from vgg_dist.config import COMPILE_MODES, TrainConfig
+from vgg_dist.cli import FlagParser, check_positive, flag
+from vgg_dist.config import COMPILE_MODES, RECIPES_DIR, TrainConfig, read_config_file, recipe_names, validate
 from vgg_dist.bench_decode import compare_folder_loading, format_folder_table
 from vgg_dist.data.batches import EpochBatchSampler, to_model_input
 from vgg_dist.data.cache import DecodeOptions
@@ -46,12 +49,15 @@ from vgg_dist.training.cuda_graph import EAGER_STEPS
 from vgg_dist.training.dist import agree, check_layout, finish, make_accelerator, make_loader
 from vgg_dist.training.loop import NonFiniteWatch, Run, make_update, train_step
 from vgg_dist.training.setup import (build_model_and_optimizer, check_cuda_graphs, compile_cache_dir, compiles,
-                                     make_schedule, maybe_compile)
+                                     make_augmenter, make_schedule, maybe_compile)
 from vgg_dist.training.state import Progress, TrainState
 
 
 # The loader alone is timed over this many batches per timed step: it is far faster than a step.
 LOADER_STEPS_PER_STEP = 4
+# train.py's augmentation flags, which add a measurement of the step with them on: (field, type, metavar).
+AUGMENTATION_FLAGS = (("random_crop_padding", int, "PIXELS"), ("hflip", float, "P"), ("random_erase", float, "P"),
+                      ("auto_augment", str, "POLICY"), ("mixup", float, "ALPHA"), ("cutmix", float, "ALPHA"))
 
 
 class ChapterDataset(torch.utils.data.Dataset):
@@ -117,7 +123,8 @@ def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, wa
     model = maybe_compile(model, config, accelerator.device)  # as the trainer does; the warm-up pays for compiling
     model.train()
     state = TrainState(accelerator=accelerator, model=model, optimizer=optimizer, ema=None, seed=config.seed)
-    run = Run(config=config, schedule=make_schedule(config, steps))
+    run = Run(config=config, schedule=make_schedule(config, steps), augment=make_augmenter(accelerator, config),
+              spec=config.model_spec(split.images.shape[1], 10))
     update = make_update(state, run)  # with --cuda-graphs: recorded during the warm-up, replayed when timed
     results = {}
     for name, loader in zip(("warmup", "timed"), loaders):
@@ -206,9 +213,14 @@ def peak_memory(device: torch.device) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = FlagParser(prog="python -m vgg_dist.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=224, help="input side, a multiple of 32")
-    parser.add_argument("--batch-size", type=int, default=128, help="global batch")
-    parser.add_argument("--width-divisor", type=int, default=4, help="conv channels divided by this")
+    parser.add_argument("--recipe", choices=recipe_names(), default=None,
+                        help="time this recipe's model, batch and size, and its augmentation as a second vgg_dist "
+                             "measurement (default: the chapter's model, no augmentation)")
+    parser.add_argument("--image-size", type=int, default=None, help="input side, a multiple of 32 (default: the "
+                                                                     "recipe's; the chapter's 224)")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: the recipe's; 128)")
+    parser.add_argument("--width-divisor", type=int, default=None,
+                        help="conv channels divided by this (default: the recipe's; 4)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
     parser.add_argument("--data-dir", help="time on real IDX files instead of synthetic 60k 28x28 images; an "
@@ -225,12 +237,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="max-pools as reshape + max, for torch.compile to fuse with the ReLU")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="NHWC activations for vgg_dist")
+    augmenting = parser.add_argument_group("augmentation, timed as a second vgg_dist measurement (as train.py "
+                                           "takes them)")
+    for name, kind, metavar in AUGMENTATION_FLAGS:
+        augmenting.add_argument(flag(name), *(["--aa"] if name == "auto_augment" else []), type=kind,
+                                default=None, metavar=metavar)
     parser.add_argument("--json", default=None, help="where to write the results (default: runs/bench-<time>.json)")
     parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
                         help="also profile the warm-up's steps again and write torch.profiler's table here")
     args = parser.parse_args(argv)
     for name in ("image_size", "batch_size", "width_divisor", "steps"):
-        check_positive(name, getattr(args, name))
+        if getattr(args, name) is not None:
+            check_positive(name, getattr(args, name))
     if args.warmup < 1 or args.baseline_workers < 0:
         raise UsageError("--warmup must be at least 1 and --baseline-workers at least 0")
     if args.cuda_graphs and args.warmup <= EAGER_STEPS:
@@ -239,9 +257,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+NO_AUGMENTATION = {"random_crop_padding": 0, "hflip": 0.0, "random_erase": 0.0, "auto_augment": None, "mixup": 0.0,
+                   "cutmix": 0.0}
+
+
+def bench_configs(args: argparse.Namespace) -> tuple[TrainConfig, TrainConfig | None]:
+    """(the step to time, with no augmentation; the same with the recipe's augmentation and the flags', or
+    None when that is none). Both checked as train.py checks its flags."""
+    recipe = read_config_file(RECIPES_DIR / f"{args.recipe}.yaml", "--recipe") if args.recipe else {}
+    chosen = {name: getattr(args, name) for name in ("image_size", "batch_size", "width_divisor")
+              if getattr(args, name) is not None}
+    config = TrainConfig(**{**recipe, **chosen, "recipe": args.recipe or TrainConfig.recipe}, compile=args.compile,
+                         compile_mode=args.compile_mode, fused_pool=args.fused_pool,
+                         channels_last=args.channels_last, cuda_graphs=args.cuda_graphs)
+    given = {name: getattr(args, name) for name, _, _ in AUGMENTATION_FLAGS if getattr(args, name) is not None}
+    augmented = dataclasses.replace(config, **given)
+    validate(augmented)  # the same refusals as train.py's, naming the flag
+    plain = dataclasses.replace(config, **NO_AUGMENTATION)
+    return plain, (None if augmented == plain else augmented)
+
+
 def format_table(result: dict) -> str:
     rows = [("baseline (chapter)", result.get("baseline")), ("vgg_dist", result["vgg_dist"]),
-            ("vgg_dist loader only", result["loader"])]
+            ("vgg_dist augmented", result.get("augmented")), ("vgg_dist loader only", result["loader"])]
     lines = [f"device {result['device_name']} ({result['device']}), torch {result['torch']}, "
              f"precision {result['precision']}, {result['processes']} process(es), image {result['image_size']}, "
              f"global batch {result['batch_size']}, compile {result['compile']} ({result['compile_mode']}), "
@@ -251,6 +289,9 @@ def format_table(result: dict) -> str:
     for name, row in rows:
         if row:
             lines.append(f"{name:<24}{row['images_per_sec']:>12.1f}{row['seconds']:>10.2f}")
+    if result.get("augmented"):
+        lines.append(f"augmentation ({', '.join(f'{k}={v}' for k, v in result['augmented']['flags'].items() if v)}) "
+                     f"takes {100 * result['augmentation_share']:.1f}% of an augmented step")
     if result.get("speedup") is not None:
         lines.append(f"speedup vgg_dist / baseline: {result['speedup']:.2f}x")
     lines.append(f"loader / vgg_dist step: {result['loader_headroom']:.1f}x "
@@ -260,46 +301,55 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-@exits_cleanly_on_stop
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    config = TrainConfig(image_size=args.image_size, batch_size=args.batch_size, width_divisor=args.width_divisor,
-                         compile=args.compile, compile_mode=args.compile_mode, fused_pool=args.fused_pool,
-                         channels_last=args.channels_last, cuda_graphs=args.cuda_graphs)
-    config.model_spec(1, 10).check()
-    accelerator = make_accelerator(cuda_graphs=args.cuda_graphs)
-    check_layout(accelerator, config.batch_size)
-    check_cuda_graphs(accelerator, config)
-    needed = (args.warmup + args.steps) * config.batch_size  # the baseline's batches, each image once
+def bench_data(accelerator, args: argparse.Namespace, config: TrainConfig) -> tuple[Split, bool, dict | None]:
+    """(the training images to time on, whether --data-dir is an ImageFolder tree, and for a folder the main
+    process's comparison of reading it, printed now)."""
+    batch_size, image_size = config.batch_size, config.image_size
+    needed = (args.warmup + args.steps) * batch_size  # the baseline's batches, each image once
     folder = args.data_dir is not None and Path(args.data_dir).is_dir() and \
         detect_layout(Path(args.data_dir)) == IMAGE_FOLDER
     folder_loader = None
     if folder and accelerator.is_main_process:
-        folder_loader = compare_folder_loading(Path(args.data_dir), args.image_size, args.batch_size,
-                                               accelerator.device)
+        folder_loader = compare_folder_loading(Path(args.data_dir), image_size, batch_size, accelerator.device)
         print(format_folder_table(folder_loader), flush=True)
     if args.data_dir:
         with accelerator.main_process_first():
-            split = load_dataset("fashion_mnist", args.data_dir, None, DecodeOptions(data_size=args.image_size)).train
+            split = load_dataset("fashion_mnist", args.data_dir, None, DecodeOptions(data_size=image_size)).train
     else:  # Fashion-MNIST's shape, 28x28 uint8; as many images as the measurements take, up to its 60,000
-        images, labels = make_images(min(60_000, max(needed, LOADER_STEPS_PER_STEP * args.steps * config.batch_size)))
+        images, labels = make_images(min(60_000, max(needed, LOADER_STEPS_PER_STEP * args.steps * batch_size)))
         split = Split(images.unsqueeze(1), labels.long())
     if len(split) < needed:
-        raise UsageError(f"--steps {args.steps} x --batch-size {args.batch_size} needs {needed} images; "
+        raise UsageError(f"--steps {args.steps} x --batch-size {batch_size} needs {needed} images; "
                          f"the data has {len(split)}")
+    return split, folder, folder_loader
 
-    result = {
+
+def describe_bench(accelerator, args: argparse.Namespace, config: TrainConfig, split: Split) -> dict:
+    """What was timed, where and how: the head of the JSON."""
+    return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(accelerator.device),
         "device_name": (torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda"
                         else platform.processor() or platform.machine()),
         "torch": torch.__version__, "precision": accelerator.mixed_precision,
-        "processes": accelerator.num_processes, "image_size": args.image_size, "batch_size": args.batch_size,
-        "width_divisor": args.width_divisor, "steps": args.steps, "warmup": args.warmup,
+        "processes": accelerator.num_processes, "recipe": config.recipe, "image_size": config.image_size,
+        "batch_size": config.batch_size, "width_divisor": config.width_divisor, "steps": args.steps,
+        "warmup": args.warmup,
         "compile": compiles(config, accelerator.device), "compile_mode": args.compile_mode,
         "fused_pool": args.fused_pool, "cuda_graphs": args.cuda_graphs, "channels_last": config.channels_last,
         "data": args.data_dir or f"synthetic {len(split)}x28x28 uint8", "command": " ".join(sys.argv),
     }
+
+
+@exits_cleanly_on_stop
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config, augmented = bench_configs(args)  # refused now, not after the other measurements
+    accelerator = make_accelerator(cuda_graphs=args.cuda_graphs)
+    check_layout(accelerator, config.batch_size)
+    check_cuda_graphs(accelerator, config)
+    split, folder, folder_loader = bench_data(accelerator, args, config)
+    result = describe_bench(accelerator, args, config, split)
     if folder_loader is not None:
         result["folder_loader"] = folder_loader
     if not args.skip_baseline and not folder and accelerator.num_processes == 1:
@@ -307,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
                                            args.baseline_workers)
     result["vgg_dist"] = time_vgg_dist(accelerator, split, config, args.steps, args.warmup,
                                        args.profile if accelerator.is_main_process else None)
+    if augmented is not None:
+        result["augmented"] = time_vgg_dist(accelerator, split, augmented, args.steps, args.warmup)
+        result["augmented"]["flags"] = {name: getattr(augmented, name) for name, _, _ in AUGMENTATION_FLAGS}
+        plain, extra = (1 / result[name]["images_per_sec"] for name in ("vgg_dist", "augmented"))
+        result["augmentation_share"] = (extra - plain) / extra  # of the augmented step's time
     result["loader"] = time_loader(accelerator, split, config, args.steps * LOADER_STEPS_PER_STEP)
     result["speedup"] = (result["vgg_dist"]["images_per_sec"] / result["baseline"]["images_per_sec"]
                          if "baseline" in result else None)
