@@ -9,8 +9,9 @@ Three measurements in one run, each after warm-up steps that are not timed:
   vgg_dist   the real training step and data path of `vgg_dist/train.py` (uint8 batches resized on
              the device, no per-step host sync, the launch's precision)
   loader     vgg_dist's input pipeline alone (batch indexing, transfer, on-device resize)
-  augmented  with any augmentation flag (--hflip, --aa, --mixup, ...): vgg_dist's step again with that
-             augmentation on, so its cost per step is measured against the step itself in one run
+  augmented  with --recipe or any augmentation flag (--hflip, --aa, --mixup, ...): vgg_dist's step again
+             with that augmentation on, and the augmentation alone on the step's batch, so its cost is
+             measured against the step itself in one run
 Images/s count images through the whole step, data loading included. Results print as a table and
 are written as JSON.
 
@@ -176,6 +177,27 @@ def compile_cache_report() -> dict:
             "autograd_misses": counters["aot_autograd"]["autograd_cache_miss"]}
 
 
+def time_augmentation(accelerator, split: Split, config: TrainConfig, steps: int) -> dict:
+    """The augmentation alone, as a step runs it (draw, apply, mix) on the step's batch: its cost without the
+    noise of two whole-step timings, whose difference it is."""
+    augmenter = make_augmenter(accelerator, config)
+    per_process = config.batch_size // accelerator.num_processes
+    images = split.images[:per_process].to(accelerator.device)
+    labels = split.labels[:per_process].to(accelerator.device)
+    gather = accelerator.gather if accelerator.num_processes > 1 else None
+    synchronize(accelerator.device)
+    started = time.perf_counter()
+    for step in range(steps):
+        draws = augmenter.draw(0, step)
+        augmented = augmenter.apply(images, draws)
+        if "mix" in draws:
+            augmented = augmenter.mix(augmented, labels, draws, 10, gather)[0]
+    synchronize(accelerator.device)
+    seconds = time.perf_counter() - started
+    del augmented
+    return {"images_per_sec": steps * config.batch_size / seconds, "seconds": seconds, "steps": steps}
+
+
 def time_loader(accelerator, split: Split, config: TrainConfig, steps: int) -> dict:
     """The input pipeline alone: what the trainer's loader and resize deliver with no model attached."""
     channels_last = config.channels_last
@@ -279,7 +301,8 @@ def bench_configs(args: argparse.Namespace) -> tuple[TrainConfig, TrainConfig | 
 
 def format_table(result: dict) -> str:
     rows = [("baseline (chapter)", result.get("baseline")), ("vgg_dist", result["vgg_dist"]),
-            ("vgg_dist augmented", result.get("augmented")), ("vgg_dist loader only", result["loader"])]
+            ("vgg_dist augmented", result.get("augmented")), ("augmentation only", result.get("augmentation_only")),
+            ("vgg_dist loader only", result["loader"])]
     lines = [f"device {result['device_name']} ({result['device']}), torch {result['torch']}, "
              f"precision {result['precision']}, {result['processes']} process(es), image {result['image_size']}, "
              f"global batch {result['batch_size']}, compile {result['compile']} ({result['compile_mode']}), "
@@ -360,8 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     if augmented is not None:
         result["augmented"] = time_vgg_dist(accelerator, split, augmented, args.steps, args.warmup)
         result["augmented"]["flags"] = {name: getattr(augmented, name) for name, _, _ in AUGMENTATION_FLAGS}
-        plain, extra = (1 / result[name]["images_per_sec"] for name in ("vgg_dist", "augmented"))
-        result["augmentation_share"] = (extra - plain) / extra  # of the augmented step's time
+        result["augmentation_only"] = time_augmentation(accelerator, split, augmented, args.steps)
+        step, alone = (1 / result[name]["images_per_sec"] for name in ("vgg_dist", "augmentation_only"))
+        result["augmentation_share"] = alone / (step + alone)  # of a step with it
     result["loader"] = time_loader(accelerator, split, config, args.steps * LOADER_STEPS_PER_STEP)
     result["speedup"] = (result["vgg_dist"]["images_per_sec"] / result["baseline"]["images_per_sec"]
                          if "baseline" in result else None)
