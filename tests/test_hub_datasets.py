@@ -78,6 +78,7 @@ def cache_entries(workdir: Path) -> list[str]:
     return sorted(path.name for path in cache.iterdir() if path.name != "locks") if cache.exists() else []
 
 
+@pytest.mark.slow
 def test_cifar10_is_read_through_datasets_decoded_once_then_read_from_the_cache(tmp_path):
     hub_repo(tmp_path / "uoft-cs" / "cifar10", "img", {"label": CIFAR10_NAMES}, {"train": 20, "test": 10})
     run_dir, result = train_on_hub(tmp_path, "cifar10")

@@ -2,6 +2,8 @@
 before BatchNorm, the adaptive pool, grey input), a short fine-tuning run from a file, and one-line refusals.
 All weights are torchvision's without downloading (weights=None), saved to files by the tests."""
 
+import json
+
 import pytest
 import torch
 import torchvision
@@ -120,3 +122,18 @@ def test_a_short_fine_tuning_run_starts_from_the_file(tmp_path, tiny_data, vgg11
     card = model_card(info, None, False, 0)
     assert f"fine-tuned from the weights in `{vgg11_file}` (`--pretrained`)" in card
     assert "standardised per channel with mean [0.449] and std [0.226]" in card
+
+
+@pytest.mark.slow
+def test_a_short_fine_tuning_run_from_the_file_on_two_processes(tmp_path, tiny_data, vgg11_file):
+    """Every process maps the same file and keeps the same fresh last layer: both ranks end with the same
+    weights, whose first convolution is still torchvision's summed over RGB."""
+    from conftest import train
+    run_dir, _ = train(tmp_path, tiny_data, "--pretrained", str(vgg11_file), *FULL_WIDTH, "--image-size", "32",
+                       "--epochs", "1", "--batch-size", "16", "--lr", "1e-9", "--max-train-samples", "32",
+                       "--max-eval-samples", "16", num_processes=2, timeout=300)
+    info = json.loads((run_dir / "config.json").read_text())
+    assert info["launch"]["num_processes"] == 2 and info["weights_identical_across_ranks"] is True
+    state = torch.load(vgg11_file, weights_only=True)
+    torch.testing.assert_close(read_weights(run_dir)["0.0.weight"], state["features.0.weight"].sum(1, keepdim=True),
+                               atol=1e-6, rtol=0)
