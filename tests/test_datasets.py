@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO, TINY_MODEL, quiet_env, run_main, train_here
@@ -164,7 +165,7 @@ def test_grey_images_get_one_channel_at_their_own_size_unless_told(tmp_path):
     data = grey_folder(tmp_path / "grey", side=16)
     grey = load(data, tmp_path / "cache")
     assert grey.train.images.shape == (8, 1, 16, 16) and grey.test.images.shape == (4, 1, 16, 16)
-    assert grey.train.labels.tolist() == [0] * 4 + [1] * 4
+    assert sorted(grey.train.labels.tolist()) == [0] * 4 + [1] * 4
     forced = load(data, tmp_path / "cache", channels=3, data_size=8)
     assert forced.train.images.shape == (8, 3, 8, 8)
     assert (forced.train.images[:, 0] == forced.train.images[:, 2]).all()
@@ -181,7 +182,8 @@ def test_a_non_square_image_is_resized_on_its_shorter_side_then_centre_cropped(t
             Image.fromarray(np.full((10, 10), value, np.uint8), mode="L").save(root / split / name / "s.png")
     loaded = load(root, tmp_path / "cache", data_size=10)
     assert loaded.train.images.shape == (4, 1, 10, 10)
-    assert int(loaded.train.images[1].min()) == 255  # a/w.png, the second file of class a
+    wide_ones = [image for image in loaded.train.images if int(image.max()) == 255]
+    assert len(wide_ones) == 2 and all(int(image.min()) == 255 for image in wide_ones)  # the crop is all white
 
 
 def test_val_is_accepted_for_test(tmp_path):
@@ -367,3 +369,66 @@ def test_an_image_over_the_pixel_limit_is_refused_naming_it(tmp_path, monkeypatc
     _, _, stderr = train_here(tmp_path, data, *QUICK, "--cache-dir", str(cache), expect=2)
     assert stderr.count("\n") == 1 and "too many to decode safely; shrink it first" in stderr, stderr
     assert str(data / "train" / "cat") in stderr and entries(cache) == []
+
+
+def test_images_are_stored_in_one_fixed_mixed_order_so_held_out_rows_hold_every_class(tmp_path):
+    data = image_folder(tmp_path / "photos", per_class=20)
+    first, second = load(data, tmp_path / "cache"), load(data, tmp_path / "cache")
+    labels = first.train.labels.tolist()
+    assert sorted(labels) != labels and set(labels[:10]) == set(labels[-10:]) == {0, 1}
+    assert torch.equal(first.train.labels, second.train.labels)  # the same order every run
+
+
+def test_a_class_folder_that_is_a_link_is_read_and_fingerprinted_through_it(tmp_path):
+    data, store = grey_folder(tmp_path / "grey"), tmp_path / "store"
+    (data / "train" / "a").rename(store)
+    (data / "train" / "a").symlink_to(store)
+    first = load(data, tmp_path / "cache")
+    assert len(first.train) == 8 and first.record.cache_hit is False
+    Image.new("L", (16, 16), 90).save(store / "added.png")  # a change behind the link
+    again = load(data, tmp_path / "cache")
+    assert len(again.train) == 9 and again.record.cache_hit is False
+
+
+def test_custom_split_names_need_no_train_folder(tmp_path):
+    data = grey_folder(tmp_path / "grey")
+    (data / "train").rename(data / "fit")
+    (data / "test").rename(data / "holdout")
+    loaded = load(data, tmp_path / "cache", train_split="fit", test_split="holdout")
+    assert len(loaded.train) == 8 and len(loaded.test) == 4
+
+
+def test_a_constant_channel_cannot_be_standardised_and_says_so_in_one_line(tmp_path):
+    for split, count in (("train", 4), ("test", 2)):
+        for name in ("a", "b"):
+            (tmp_path / "flat" / split / name).mkdir(parents=True)
+            for index in range(count):
+                Image.new("L", (8, 8), 128).save(tmp_path / "flat" / split / name / f"{index}.png")
+    _, _, stderr = train_here(tmp_path, tmp_path / "flat", *QUICK, "--normalize", "dataset", "--cache-dir",
+                              str(tmp_path / "cache"), expect=2)
+    assert stderr.count("\n") == 1 and "std 0" in stderr and "--normalize none" in stderr
+
+
+def test_a_floating_point_image_is_refused_naming_it(tmp_path):
+    data = grey_folder(tmp_path / "grey")
+    victim = data / "train" / "a" / "float.tif"
+    Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32), mode="F").save(victim)
+    _, _, stderr = train_here(tmp_path, data, *QUICK, "--cache-dir", str(tmp_path / "cache"), expect=2)
+    assert stderr.count("\n") == 1 and str(victim) in stderr and "floating-point" in stderr
+
+
+def test_evaluate_refuses_data_whose_classes_are_not_the_models(tmp_path):
+    from vgg_dist import evaluate
+    run_dir, _, _ = train_here(tmp_path, grey_folder(tmp_path / "grey"), *QUICK, "--cache-dir", str(tmp_path / "c"))
+    other = image_folder(tmp_path / "photos")
+    code, _, stderr = run_main(evaluate.main, ["--checkpoint", str(run_dir), "--data-dir", str(other)])
+    assert code == 2 and "are not the model's" in stderr and stderr.count("\n") == 1
+
+
+def test_a_relative_data_dir_is_recorded_whole_and_a_folder_run_is_named_by_its_folder(tmp_path, monkeypatch):
+    data = grey_folder(tmp_path / "grey")
+    monkeypatch.chdir(tmp_path)
+    run_dir, _, _ = train_here(tmp_path, Path("grey"), *QUICK, "--cache-dir", str(tmp_path / "cache"))
+    info = config_json(run_dir)
+    assert info["flags"]["data_dir"] == str(data) and info["data_source"] == str(data)
+    assert info["dataset"] == "grey" and info["flags"]["dataset"] == "fashion_mnist"

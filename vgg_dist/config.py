@@ -281,6 +281,8 @@ def parse_config(argv: list[str] | None, prog: str, description: str) -> TrainCo
     parser.set_defaults(**{**from_recipe, **from_file, "recipe": recipe})
     namespace = vars(parser.parse_args(argv))
     namespace.pop("config")
+    if namespace.get("data_dir"):  # evaluate, predict and export read the run from any working directory
+        namespace["data_dir"] = os.path.abspath(namespace["data_dir"])
     config = TrainConfig(**namespace)
     validate(config)
     return config

@@ -51,7 +51,7 @@ def decode_options(info, dataset: str, data_dir: str | None) -> DecodeOptions:
     """How images are decoded: as the run decoded its own (so its cache entry is found again), and any
     other source at the run's channels and stored size, which the model was trained on."""
     options = DecodeOptions.from_config(info.flags)
-    if (dataset, data_dir) == (info.dataset, info.flags.data_dir):
+    if (dataset, data_dir) == (info.flags.dataset, info.flags.data_dir):
         return options
     return dataclasses.replace(options, channels=info.model.in_channels, data_size=info.source_image_size[0])
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model, info = load_model(args.checkpoint)
     spec, flags = info.model, info.flags
-    dataset = args.dataset or info.dataset
+    dataset = args.dataset or flags.dataset
     data_dir = args.data_dir if args.data_dir is not None or args.dataset else flags.data_dir
     max_eval = args.max_eval_samples if args.max_eval_samples is not None else flags.max_eval_samples
     batch_size = args.batch_size or flags.batch_size
@@ -71,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     check_layout(accelerator, batch_size)
     with accelerator.main_process_first():
         data = load_dataset(dataset, data_dir, tuple(info.class_names), decode_options(info, dataset, data_dir))
+    source = f"--data-dir {data_dir}" if data_dir else f"--dataset {dataset}"
+    if list(data.class_names) != list(info.class_names) and len(data.class_names) == spec.num_classes:
+        raise UsageError(f"{source}: its classes ({', '.join(data.class_names[:4])}, ...) are not the model's "
+                         f"({', '.join(info.class_names[:4])}, ...), so its labels would be scored against the "
+                         f"wrong classes")
     if data.in_channels != spec.in_channels or len(data.class_names) != spec.num_classes:
-        source = f"--data-dir {data_dir}" if data_dir else f"--dataset {dataset}"
         raise UsageError(f"{source}: its {data.in_channels}-channel images of {len(data.class_names)} classes do not "
                          f"match the model in {args.checkpoint} ({spec.in_channels} channels, {spec.num_classes} "
                          f"classes)")

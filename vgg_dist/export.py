@@ -70,7 +70,7 @@ def check_images(info: RunInfo) -> tuple[torch.Tensor, str]:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # the data code's notes are not this command's output
             options = DecodeOptions.from_config(info.flags)  # as the run decoded it: its cache entry is found
-            test = load_dataset(info.dataset, info.flags.data_dir, tuple(info.class_names), options).test
+            test = load_dataset(info.flags.dataset, info.flags.data_dir, tuple(info.class_names), options).test
         if test.images.shape[1:] == (info.model.in_channels, *info.source_image_size) and len(test.images):
             return test.images[:CHECK_IMAGES].contiguous(), "test images"
     except (UsageError, OSError):

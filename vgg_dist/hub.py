@@ -158,15 +158,18 @@ def _read_report(folder: Path | None) -> dict | None:
 
 def card_metadata(info: RunInfo) -> ModelCardData:
     """The card's YAML front matter: what the Hub indexes and shows beside the card."""
+    # A Hub dataset's id links the card to it; a folder of the user's own has none to link.
     hub_id = DATASETS[info.dataset].hub_id if info.dataset in DATASETS else info.dataset
+    hub_id = hub_id if "/" in hub_id else None
     results = None
     if info.final_metrics is not None:
-        results = [EvalResult(task_type="image-classification", dataset_type=hub_id, dataset_name=info.dataset,
-                              dataset_split="test", metric_type="accuracy",
+        results = [EvalResult(task_type="image-classification", dataset_type=hub_id or info.dataset,
+                              dataset_name=info.dataset, dataset_split="test", metric_type="accuracy",
                               metric_value=info.final_metrics.test_acc)]
     return ModelCardData(library_name="vgg_dist", pipeline_tag="image-classification",
                          tags=["vgg", "image-classification", "vgg_dist", "pytorch", info.model.arch],
-                         datasets=[hub_id], metrics=["accuracy"], model_name=_title(info), eval_results=results)
+                         datasets=[hub_id] if hub_id else None, metrics=["accuracy"], model_name=_title(info),
+                         eval_results=results)
 
 
 def _title(info: RunInfo) -> str:

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from vgg_dist.config import TrainConfig, parse_config
 from vgg_dist.data.batches import EpochBatchSampler
 from vgg_dist.data.cache import DecodeOptions
-from vgg_dist.data.folders import IDX, detect_layout
+from vgg_dist.data.folders import HUB, IDX, detect_layout
 from vgg_dist.data.sources import ImageData, Split, border_mean, channel_stats, load_dataset, read_class_names
 from vgg_dist.errors import Preempted, UsageError, exit_process, exits_cleanly_on_stop
 from vgg_dist.model import ModelSpec, count_parameters
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_splits(accelerator: Accelerator, config: TrainConfig) -> tuple[ImageData, dict[str, Split]]:
     """The dataset, and the splits this run uses: train, val (with --val-split) and test."""
-    if config.class_names and config.data_dir and detect_layout(Path(config.data_dir)) != IDX:
+    if config.class_names and config.data_dir and detect_layout(Path(config.data_dir), config.train_split) != IDX:
         raise UsageError(f"--class-names applies to IDX files; the classes of --data-dir {config.data_dir} are its "
                          f"own (its class folders, or its ClassLabel's names)")
     # The main process downloads or decodes, the others read its cache.
@@ -109,7 +109,13 @@ def input_statistics(config: TrainConfig, data: ImageData) -> tuple[list[float],
     if config.normalize == "imagenet":
         return imagenet_statistics(data.in_channels)
     if config.normalize == "dataset":
-        return (data.record.channel_mean, data.record.channel_std) if data.record else channel_stats(data.train.images.numpy())
+        mean, std = ((data.record.channel_mean, data.record.channel_std) if data.record
+                     else channel_stats(data.train.images.numpy()))
+        constant = [channel for channel, value in enumerate(std) if value <= 0]
+        if constant:
+            raise UsageError(f"--normalize dataset: channel {constant[0]} of the training images is one constant "
+                             f"value (std 0) and cannot be standardised; pass --normalize none")
+        return mean, std
     return None
 
 
@@ -144,7 +150,7 @@ def describe_run(accelerator: Accelerator, config: TrainConfig, spec: ModelSpec,
     return RunInfo(
         model=spec, class_names=list(data.class_names),
         class_names_from=config.class_names or (data.source if data.record else config.dataset),
-        dataset=config.dataset, data_source=data.source, data=data.record,
+        dataset=dataset_name(config, data), data_source=data.source, data=data.record,
         source_image_size=list(data.train.images.shape[2:]),
         # A folder of photos shares no one background, so predict must not invert an image to match it.
         background=None if data.record else border_mean(data.train.images), train_samples=len(splits["train"]),
@@ -154,6 +160,14 @@ def describe_run(accelerator: Accelerator, config: TrainConfig, spec: ModelSpec,
                               "compiled": compiles(config, accelerator.device), "nodes": node_count(layout),
                               "mixed_precision": accelerator.mixed_precision, "backend": accelerator.state.backend,
                               "ranks": layout})
+
+
+def dataset_name(config: TrainConfig, data: ImageData) -> str:
+    """What the run trained on, for config.json and the model card: the --dataset named, unless the images
+    came from a folder of the user's own, which is named by its folder (--dataset's default is no name)."""
+    own_folder = (data.record is not None and data.record.layout != HUB
+                  and config.dataset in ("fashion_mnist", "mnist"))
+    return Path(config.data_dir).name if own_folder else config.dataset
 
 
 def save_results(state: TrainState, run: Run, result: Result, info: RunInfo) -> None:

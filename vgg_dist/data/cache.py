@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from vgg_dist.data import decode
-from vgg_dist.data.folders import FolderData, Selection, SplitItems, read_folder
+from vgg_dist.data.folders import FolderData, Selection, SplitItems, read_folder, walk_files
 from vgg_dist.data.sources import DataRecord, ImageData, Split, channel_stats
 from vgg_dist.errors import UsageError
 
-CACHE_VERSION = 2  # raise when what an entry holds changes: older entries are then simply not found
+CACHE_VERSION = 3  # raise when what an entry holds changes: older entries are then simply not found
 META_NAME = "meta.json"
 SKIPPED_LISTED = 5  # paths config.json lists of the images --skip-bad-images left out
 STATS_CHUNK = 1024  # images per step of a compaction: bounded memory for any dataset
@@ -93,12 +93,9 @@ def folder_source(data_dir: Path, layout: str, selection: Selection) -> ImageSou
 def folder_content(data_dir: Path) -> str:
     """A hash of every file's relative path, size and modification time: a changed or added file changes it."""
     digest = hashlib.sha256()
-    for folder, subfolders, files in os.walk(data_dir):
-        subfolders.sort()
-        for name in sorted(files):
-            path = Path(folder, name)
-            status = path.stat()
-            digest.update(f"{path.relative_to(data_dir)}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+    for path in sorted(walk_files(data_dir, hidden=True)):  # through links, as the listing goes
+        status = path.stat()
+        digest.update(f"{path.relative_to(data_dir)}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -212,6 +209,7 @@ def read_entry(entry: Path, source_name: str, hit: bool) -> ImageData:
 def build(source: ImageSource, options: DecodeOptions, entry: Path) -> None:
     """Decode the source into `entry`, built under a temporary name and renamed into place whole."""
     folder = source.read()
+    folder.splits = {split: shuffled(items) for split, items in folder.splits.items()}
     workers = options.decode_workers or decode.default_workers()
     skipped = []
     channels, size = stored_form(folder.splits["train"], options, workers)
@@ -235,6 +233,18 @@ def build(source: ImageSource, options: DecodeOptions, entry: Path) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     print(f"decoded {count - len(skipped):,} images in {time.perf_counter() - started:.1f}s", flush=True)
+
+
+STORED_ORDER_SEED = 0
+
+
+def shuffled(items: SplitItems) -> SplitItems:
+    """The split in one fixed random order, the same for every run and machine. Folders and many datasets
+    list their images class by class, and --val-split, --max-train-samples and --max-eval-samples take the
+    first or last rows: in class order they would hold one class, in this order a fair mix."""
+    order = np.random.default_rng(STORED_ORDER_SEED).permutation(len(items.labels)).tolist()
+    return SplitItems([items.names[i] for i in order], [items.blobs[i] for i in order],
+                      [items.labels[i] for i in order])
 
 
 def stored_form(train: SplitItems, options: DecodeOptions, workers: int) -> tuple[int, tuple[int, int]]:

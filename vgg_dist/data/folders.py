@@ -56,21 +56,24 @@ class FolderData:
     class_names: tuple[str, ...]
 
 
-def detect_layout(data_dir: Path) -> str:
-    """The layout `data_dir` holds; a UsageError that says what was found when it is none of them."""
+def detect_layout(data_dir: Path, train_split: str = "train") -> str:
+    """The layout `data_dir` holds, whose training split is `train_split`; a UsageError that says what was
+    found when it is none of them."""
     from vgg_dist.data.sources import SPLIT_FILES
     idx_names = [name for pair in SPLIT_FILES.values() for name in pair]
     if any((data_dir / name).is_file() or (data_dir / name.removesuffix(".gz")).is_file() for name in idx_names):
         return IDX
     if (data_dir / "dataset_dict.json").is_file():
         return SAVED
-    if _parquet_files(data_dir, "train"):
+    if _parquet_files(data_dir, train_split):
         return PARQUET
-    if (data_dir / "train").is_dir() and any(path.is_dir() for path in (data_dir / "train").iterdir()):
+    train_dir = data_dir / train_split
+    if train_dir.is_dir() and any(path.is_dir() for path in train_dir.iterdir()):
         return IMAGE_FOLDER
     found = sorted(path.name + ("/" if path.is_dir() else "") for path in data_dir.iterdir())
     listed = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "") if found else "nothing"
-    raise UsageError(f"--data-dir {data_dir}: found {listed}; expected one of: {EXPECTED}")
+    named = "" if train_split == "train" else f" (with the training split named {train_split!r} by --train-split)"
+    raise UsageError(f"--data-dir {data_dir}: found {listed}; expected one of: {EXPECTED}{named}")
 
 
 def read_folder(data_dir: Path, layout: str, selection: Selection) -> FolderData:
@@ -154,18 +157,28 @@ def _read_image_folder(train_dir: Path, test_dir: Path) -> FolderData:
     return FolderData(IMAGE_FOLDER, splits, class_names)
 
 
+def walk_files(root: Path, hidden: bool) -> list[Path]:
+    """Every file under `root`, through symbolic links (a class folder is often a link to where the photos
+    live), each real folder once, so a link back up cannot loop. os.walk tells files from folders by the
+    directory entry's type: no stat per file, which on 100,000 photos is most of a listing's time."""
+    found, seen = [], set()
+    for where, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(where)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(name for name in subfolders if hidden or not name.startswith("."))
+        found += [Path(where, name) for name in names if hidden or not name.startswith(".")]
+    return found
+
+
 def _class_files(split_dir: Path, suffixes: set[str]) -> dict[str, list[Path]]:
     """{class name: its image files, sorted}; an empty class folder, or a split without one, is refused."""
     classes = {}
     for folder in sorted(path for path in split_dir.iterdir() if path.is_dir() and not path.name.startswith(".")):
-        files = []
-        # os.walk tells files from folders by the directory entry's type: no stat per file, which on a
-        # folder of 100,000 photos is most of the time a listing takes.
-        for where, subfolders, names in os.walk(folder):
-            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-            files += [Path(where, name) for name in names
-                      if not name.startswith(".") and os.path.splitext(name)[1].lower() in suffixes]
-        files.sort()
+        files = sorted(path for path in walk_files(folder, hidden=False)
+                       if os.path.splitext(path.name)[1].lower() in suffixes)
         if not files:
             raise UsageError(f"{folder}: class folder holds no images; add some or remove the folder")
         classes[folder.name] = files
@@ -223,8 +236,11 @@ def choose_columns(where: str, features: dict[str, dict], image_column: str | No
             raise UsageError(f"{flag} {given}: not a{'n' if kind == 'Image' else ''} {kind} column of {where}; "
                              f"its {kind} columns: {', '.join(candidates) or 'none'}")
         if given is None and len(candidates) != 1:
-            which = f"several {kind} columns ({', '.join(candidates)})" if candidates else f"no {kind} column"
-            raise UsageError(f"{where}: {which}; name the one to use with {flag}")
+            if not candidates:
+                raise UsageError(f"{where}: its features declare no {kind} column (vgg_dist reads images from an "
+                                 f"Image column and classes from a ClassLabel column, as `datasets` writes them)")
+            raise UsageError(f"{where}: several {kind} columns ({', '.join(candidates)}); name the one to use with "
+                             f"{flag}")
         chosen.append(given or candidates[0])
     return chosen[0], chosen[1]
 

@@ -128,6 +128,8 @@ def fit_image(image, channels: int, size: tuple[int, int]) -> torch.Tensor:
     pass: what torchvision's Resize + CenterCrop give, for a fraction of the per-image cost of a torch
     resize. Wide grey levels take `to_channels` and `fit_to`, since Pillow's conversion would clip them."""
     from PIL import Image
+    if image.mode == "F":  # 32-bit floats: 0-1 or 0-255 cannot be told apart, and Pillow's convert clips them
+        raise ImageError("32-bit floating-point pixels; save the image as 8- or 16-bit")
     if image.mode in WIDE_MODES:
         return fit_to(to_channels(image, channels), size)
     mode = "L" if channels == 1 else "RGB"
@@ -153,4 +155,8 @@ def fit_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def decode(path: Path, channels: int, size: tuple[int, int], data: bytes | None = None) -> torch.Tensor:
     """The file at `path` (or the image in `data`) as uint8 [channels, *size], ready to stack with a run's
     stored images."""
-    return fit_image(open_image(path, data), channels, size)
+    image = open_image(path, data)
+    try:
+        return fit_image(image, channels, size)
+    except ImageError as error:
+        raise ImageError(f"{path}: {error}") from None

@@ -238,8 +238,9 @@ def hub_dataset(hub_id: str, no_data: Callable[[str], str], prepare: Callable = 
         raise
     except Exception as error:  # offline, hub down, cache corrupt: all end the same way for the user
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        local = Path(hub_id).is_dir()  # `datasets` reads a folder of that name in the working directory
         where = (f"the Hub is not reachable ({HUB_OFFLINE_VARIABLE}=1) and {hub_id} is not in the local cache"
-                 if offline else f"{hub_id} could not be loaded")
+                 if offline and not local else f"{hub_id} could not be loaded")
         raise UsageError(no_data(f"{where} ({reason})")) from None
 
 
@@ -291,7 +292,7 @@ def load_dataset(dataset: str, data_dir: str | os.PathLike | None,
     if data_dir is not None:
         if not Path(data_dir).is_dir():
             raise UsageError(f"--data-dir {data_dir}: not a directory")
-        layout = detect_layout(Path(data_dir))
+        layout = detect_layout(Path(data_dir), options.train_split)
         if layout != IDX:
             return load_folder(Path(data_dir), layout, options)
         if not names:
