@@ -432,3 +432,7 @@ def test_a_relative_data_dir_is_recorded_whole_and_a_folder_run_is_named_by_its_
     info = config_json(run_dir)
     assert info["flags"]["data_dir"] == str(data) and info["data_source"] == str(data)
     assert info["dataset"] == "grey" and info["flags"]["dataset"] == "fashion_mnist"
+    from vgg_dist.hub import model_card
+    from vgg_dist.store.run_files import read_run_info
+    card = model_card(read_run_info(run_dir), None, False, 0)
+    assert "fashion_mnist" not in card and "datasets:" not in card.split("---")[1] and " on grey" in card
