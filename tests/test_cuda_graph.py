@@ -49,7 +49,8 @@ def _train(graphed: bool, fused: bool) -> tuple[TrainState, dict]:
         ema = ModelEMA(model, config.model_ema_decay)
         model, optimizer = accelerator.prepare(model, optimizer)
         state = TrainState(accelerator=accelerator, model=model, optimizer=optimizer, ema=ema, seed=config.seed)
-        run = Run(config=config, schedule=make_schedule(config, STEPS // 2), augment=make_augmenter(accelerator, config))
+        run = Run(config=config, spec=config.model_spec(1, 10), schedule=make_schedule(config, STEPS // 2),
+                  augment=make_augmenter(accelerator, config))
         step_update = lambda *batch: update(state, run, *batch)  # noqa: E731
         if graphed:
             step_update = GraphedUpdate(step_update, optimizer, accelerator.device, record)

@@ -198,7 +198,7 @@ def test_train_step_clips_the_gradient_norm_and_smooths_the_labels():
             model, optimizer = accelerator.prepare(model, optimizer)
             before = [p.detach().clone() for p in model.parameters()]
             state = TrainState(accelerator=accelerator, model=model, optimizer=optimizer, ema=None, seed=config.seed)
-            run = Run(config=config, schedule=make_schedule(config, 10))
+            run = Run(config=config, spec=config.model_spec(1, 10), schedule=make_schedule(config, 10))
             train_step(state, run, make_update(state, run), _images(8), torch.arange(8))
             moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
             return moved.norm().item(), state.sums.reduced(accelerator).loss

@@ -113,7 +113,8 @@ def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, wa
     """vgg_dist's own `train_step` over a prepared model, optimizer and loader, meeting the other
     processes every --sync-every steps as `fit` does. With `profile`, a few more steps then run under
     torch.profiler and its table of where the time went is written there."""
-    model, optimizer = build_model_and_optimizer(accelerator, config, config.model_spec(split.images.shape[1], 10))
+    spec = config.model_spec(split.images.shape[1], class_count(split))
+    model, optimizer = build_model_and_optimizer(accelerator, config, spec)
     loaders = []
     for count in (warmup, steps):
         sampler = EpochBatchSampler(count * config.batch_size, config.batch_size, shuffle=True, drop_last=True,
@@ -124,8 +125,8 @@ def time_vgg_dist(accelerator, split: Split, config: TrainConfig, steps: int, wa
     model = maybe_compile(model, config, accelerator.device)  # as the trainer does; the warm-up pays for compiling
     model.train()
     state = TrainState(accelerator=accelerator, model=model, optimizer=optimizer, ema=None, seed=config.seed)
-    run = Run(config=config, schedule=make_schedule(config, steps), augment=make_augmenter(accelerator, config),
-              spec=config.model_spec(split.images.shape[1], 10))
+    run = Run(config=config, spec=spec, schedule=make_schedule(config, steps),
+              augment=make_augmenter(accelerator, config))
     update = make_update(state, run)  # with --cuda-graphs: recorded during the warm-up, replayed when timed
     results = {}
     for name, loader in zip(("warmup", "timed"), loaders):
@@ -177,6 +178,11 @@ def compile_cache_report() -> dict:
             "autograd_misses": counters["aot_autograd"]["autograd_cache_miss"]}
 
 
+def class_count(split: Split) -> int:
+    """Classes the timed model needs: the chapter's 10, or more when a folder of images has them."""
+    return max(10, int(split.labels.max()) + 1)
+
+
 def time_augmentation(accelerator, split: Split, config: TrainConfig, steps: int) -> dict:
     """The augmentation alone, as a step runs it (draw, apply, mix) on the step's batch: its cost without the
     noise of two whole-step timings, whose difference it is."""
@@ -191,7 +197,7 @@ def time_augmentation(accelerator, split: Split, config: TrainConfig, steps: int
         draws = augmenter.draw(0, step)
         augmented = augmenter.apply(images, draws)
         if "mix" in draws:
-            augmented = augmenter.mix(augmented, labels, draws, 10, gather)[0]
+            augmented = augmenter.mix(augmented, labels, draws, class_count(split), gather)[0]
     synchronize(accelerator.device)
     seconds = time.perf_counter() - started
     del augmented

@@ -27,7 +27,7 @@ from vgg_dist.config import TrainConfig, parse_config
 from vgg_dist.data.batches import EpochBatchSampler
 from vgg_dist.data.cache import DecodeOptions
 from vgg_dist.data.folders import HUB, IDX, detect_layout
-from vgg_dist.data.sources import ImageData, Split, border_mean, channel_stats, load_dataset, read_class_names
+from vgg_dist.data.sources import ImageData, Split, border_mean, load_dataset, read_class_names
 from vgg_dist.errors import Preempted, UsageError, exit_process, exits_cleanly_on_stop
 from vgg_dist.model import ModelSpec, count_parameters
 from vgg_dist.pretrained import imagenet_statistics
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             data, splits = load_splits(accelerator, config)
             spec = config.model_spec(data.in_channels, len(data.class_names), input_statistics(config, data))
             state, run = build_training(accelerator, config, spec, splits)
-            run.spec, run.store, run.stop = spec, store, stop
+            run.store, run.stop = store, stop
             info = describe_run(accelerator, config, spec, (data, splits), layout)
             identity = RunIdentity(spec=spec, config=config, schedule=run.schedule,
                                    steps_per_epoch=run.train_sampler.full_length())
@@ -109,8 +109,7 @@ def input_statistics(config: TrainConfig, data: ImageData) -> tuple[list[float],
     if config.normalize == "imagenet":
         return imagenet_statistics(data.in_channels)
     if config.normalize == "dataset":
-        mean, std = ((data.record.channel_mean, data.record.channel_std) if data.record
-                     else channel_stats(data.train.images.numpy()))
+        mean, std = data.channel_statistics()
         constant = [channel for channel, value in enumerate(std) if value <= 0]
         if constant:
             raise UsageError(f"--normalize dataset: channel {constant[0]} of the training images is one constant "
@@ -136,7 +135,7 @@ def build_training(accelerator: Accelerator, config: TrainConfig, spec: ModelSpe
         ema.module.to(accelerator.device)
     model = maybe_compile(model, config, accelerator.device)
     state = TrainState(accelerator=accelerator, model=model, optimizer=optimizer, ema=ema, seed=config.seed)
-    run = Run(config=config, schedule=make_schedule(config, sampler.full_length()),
+    run = Run(config=config, spec=spec, schedule=make_schedule(config, sampler.full_length()),
               augment=make_augmenter(accelerator, config), train_loader=loaders.pop("train"), train_sampler=sampler,
               eval_loaders=loaders, eval_model=maybe_compile(ema.module, config, accelerator.device) if ema else model)
     return state, run

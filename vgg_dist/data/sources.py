@@ -125,6 +125,13 @@ class ImageData:
     def in_channels(self) -> int:
         return self.train.images.shape[1]
 
+    def channel_statistics(self) -> tuple[list[float], list[float]]:
+        """The whole training split's per-channel (mean, std) on a 0-1 scale: the cache's record, or
+        computed here for data read whole (a fraction of a second for Fashion-MNIST's 60,000 images)."""
+        if self.record is not None:
+            return self.record.channel_mean, self.record.channel_std
+        return channel_stats(self.train.images.numpy())
+
 
 def read_idx(path: Path, expected_dims: int) -> torch.Tensor:
     """Read one gzip-compressed (or plain) IDX file of unsigned bytes, checking every header field.
@@ -234,8 +241,6 @@ def hub_dataset(hub_id: str, no_data: Callable[[str], str], prepare: Callable = 
         return prepare(datasets.load_dataset(hub_id))
     except ImportError:
         raise UsageError(no_data("the `datasets` package is not installed")) from None
-    except UsageError:
-        raise
     except Exception as error:  # offline, hub down, cache corrupt: all end the same way for the user
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         local = Path(hub_id).is_dir()  # `datasets` reads a folder of that name in the working directory

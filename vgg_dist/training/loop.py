@@ -43,13 +43,13 @@ class Run:
     results go, and how it is asked to stop. A benchmark fills in only what a step needs."""
 
     config: TrainConfig
+    spec: ModelSpec  # the model's shape and the standardisation its input gets
     schedule: LRSchedule
     augment: BatchAugmenter | None = None
     train_loader: torch.utils.data.DataLoader | None = None
     train_sampler: EpochBatchSampler | None = None
     eval_loaders: dict[str, torch.utils.data.DataLoader] = dataclasses.field(default_factory=dict)  # val, test
     eval_model: torch.nn.Module | None = None  # the trained model, or its EMA
-    spec: ModelSpec | None = None
     store: Store | None = None
     stop: StopRequest | None = None
 
@@ -173,7 +173,7 @@ def forward_backward(state: TrainState, run: Run, images: torch.Tensor, labels: 
                      micro_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of one (micro-)batch, adding its gradients to those already there; the loss is
     divided by the number of micro-batches so that the sum of their gradients is the whole batch's mean."""
-    config, spec = run.config, run.spec or ModelSpec()  # a benchmark's Run has no spec: unstandardised input
+    config, spec = run.config, run.spec
     x = to_model_input(images, config.image_size, config.channels_last, spec.input_mean, spec.input_std)
     logits = state.model(x)
     loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
