@@ -16,10 +16,9 @@ import torch
 
 from vgg_dist.data.sources import DATASETS
 from vgg_dist.errors import UsageError
-from vgg_dist.fields import FieldError, from_dict
 from vgg_dist.model import ModelSpec, build_model
 from vgg_dist.store import checkpoint
-from vgg_dist.store.files import load_tensors, read_header, read_json, save_tensors, write_atomically
+from vgg_dist.store.files import check_layout, load_tensors, read_header, read_record, save_tensors, write_atomically
 from vgg_dist.store.run_files import CONFIG_NAME, RunInfo, read_run_info
 
 WEIGHTS_NAME = checkpoint.WEIGHTS_FILE
@@ -44,10 +43,7 @@ def read_weights_spec(path: Path) -> ModelSpec:
 
 def _loose_checkpoint_info(checkpoint_dir: Path) -> RunInfo:
     """What a checkpoint outside any run says about itself, from its state.json."""
-    try:
-        saved = from_dict(checkpoint.SavedState, read_json(checkpoint_dir / checkpoint.STATE))
-    except FieldError as error:
-        raise UsageError(f"{checkpoint_dir / checkpoint.STATE}: {error}") from None
+    saved = read_record(checkpoint_dir / checkpoint.STATE, checkpoint.SavedState)
     flags = saved.flags
     return RunInfo(model=saved.model, class_names=list(DATASETS[flags.dataset].class_names),
                    class_names_from=flags.dataset,
@@ -94,9 +90,7 @@ def load_model(path: Path) -> tuple[torch.nn.Module, RunInfo]:
                          f"describes {info.model.to_dict()}; the two do not belong together")
     with torch.device("meta"):
         expected = {name: list(tensor.shape) for name, tensor in build_model(stored).state_dict().items()}
-    _, layout = read_header(weights_path)
-    if {name: shape for name, (_, shape) in layout.items()} != expected:
-        raise UsageError(f"{weights_path}: tensor names or shapes do not fit the model its header describes")
+    check_layout(weights_path, expected, checkpoint.SPEC_METADATA_KEY, "the model its header describes")
     model = build_model(stored)
     model.load_state_dict(load_tensors(weights_path))
     return model.eval(), info

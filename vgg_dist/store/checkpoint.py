@@ -1,19 +1,9 @@
 """Checkpoints that are complete or absent: safetensors + JSON only, committed by an atomic rename.
 
-Layout of one checkpoint, `RUN_DIR/checkpoints/step_0000420/`:
-
-    model.safetensors      unwrapped weights (model spec in the header)
-    ema.safetensors        the weights' moving average, with --model-ema
-    optimizer.safetensors  optimizer tensors; their structure is in state.json
-    rng.safetensors        every rank's torch (and CUDA) generator state
-    state.json             progress, the epoch's partial sums, optimizer structure, grad scaler, every
-                           rank's Python/NumPy generator state, the schedule, model spec and flags
-    manifest.json          written last: every file with its size and SHA-256. No manifest, no checkpoint.
-
-The directory is written under a temporary name and renamed into place only when complete, so a crash
-at any moment leaves either the previous checkpoints untouched or a leftover `.tmp-*` directory that is
-ignored and later cleaned. Nothing here unpickles anything: loading cannot run code from a checkpoint.
-Reading checks every field against the run that resumes before anything is changed.
+`RUN_DIR/checkpoints/step_0000420/` holds model, EMA, optimizer and generator tensors as safetensors,
+state.json (progress, the epoch's sums, the optimizer's structure, schedule, spec and flags), and
+manifest.json, written last: no manifest, no checkpoint. Nothing here unpickles anything, and reading
+checks every field against the run that resumes before anything is changed (docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -23,23 +13,21 @@ import datetime
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from vgg_dist.cli import flag
 from vgg_dist.config import TrainConfig
-from vgg_dist.fields import FieldError, from_dict, short
+from vgg_dist.fields import short
 from vgg_dist.model import ModelSpec
-from vgg_dist.store.files import (FileError, fsync_path, load_tensors, no_space, read_header, read_json,
-                                  regular_file_size, save_tensors, write_failed, write_json)
-from vgg_dist.training.optim import LRSchedule
-from vgg_dist.training.state import EpochSums, Progress, set_rng_state
+from vgg_dist.store.files import (FileError, check_layout, fsync_path, load_tensors, no_space, read_header, read_json,
+                                  read_record, regular_file_size, save_tensors, write_failed, write_json)
+from vgg_dist.training.optim import LRSchedule, check_optimizer_state
+from vgg_dist.training.state import EpochSums, Progress, rng_state_problem
 
 MANIFEST, STATE, CHECKPOINTS_DIR, BEST_POINTER = "manifest.json", "state.json", "checkpoints", "best.json"
 WEIGHTS_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
@@ -51,7 +39,12 @@ TEMPORARY_PREFIX = ".tmp-"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Flags that fix which images each step sees; a checkpoint only continues a run that agrees on them.
 DATA_ORDER_FLAGS = ("batch_size", "seed", "dataset", "max_train_samples", "val_split")
-
+# Every flag a resumed run must share with its checkpoint, and what would change midway otherwise.
+RESUME_MUST_MATCH = {**dict.fromkeys(DATA_ORDER_FLAGS, "the data order would change"),
+                     "optimizer": "its optimizer state would not carry over",
+                     "freeze_features": "which parameters train, and the BatchNorm statistics, would change",
+                     "feature_lr_scale": "the convolutions would change learning rate",
+                     "model_ema": "the weights' average would start or stop"}
 
 CheckpointError = FileError  # a checkpoint that must not be loaded; the message names its path and the problem
 
@@ -193,23 +186,19 @@ def write(checkpoints_dir: Path, state: dict, identity: RunIdentity) -> Path:
             needed = sum(t.numel() * t.element_size() for tensors, _ in tensor_files.values() for t in tensors.values())
             raise write_failed(checkpoints_dir, needed, f"checkpoint {final.name}") from None
         raise
+    stale = checkpoints_dir / f"{TEMPORARY_PREFIX}stale-{final.name}-{os.getpid()}"
     if final.exists():  # an earlier attempt at this very step, e.g. before a requeue: replace it whole
-        stale = checkpoints_dir / f"{TEMPORARY_PREFIX}stale-{final.name}-{os.getpid()}"
         os.replace(final, stale)
-        os.replace(temporary, final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(temporary, final)
+    os.replace(temporary, final)
+    shutil.rmtree(stale, ignore_errors=True)
     fsync_path(checkpoints_dir)
     return final
 
 
 def list_checkpoints(checkpoints_dir: Path, committed: bool = False) -> list[Path]:
     """Checkpoint directories by global step, oldest first; with `committed`, only those with a manifest."""
-    if not checkpoints_dir.is_dir():
-        return []
     found = sorted((int(match.group(1)), path) for path in checkpoints_dir.iterdir()
-                   if path.is_dir() and (match := NAME.match(path.name)))
+                   if path.is_dir() and (match := NAME.match(path.name))) if checkpoints_dir.is_dir() else []
     return [path for _, path in found if not committed or (path / MANIFEST).is_file()]
 
 
@@ -220,9 +209,8 @@ def mark_best(checkpoints_dir: Path, path: Path, metric: str, value: float) -> N
 def best_checkpoint(checkpoints_dir: Path) -> Path | None:
     """The checkpoint best.json names; only a step_N directory inside `checkpoints_dir` is taken."""
     try:
-        regular_file_size(checkpoints_dir / BEST_POINTER)
-        name = json.loads((checkpoints_dir / BEST_POINTER).read_text())["checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError, FileError):
+        name = read_json(checkpoints_dir / BEST_POINTER)["checkpoint"]
+    except (FileError, KeyError, TypeError):
         return None
     return checkpoints_dir / name if isinstance(name, str) and NAME.match(name) else None
 
@@ -240,11 +228,10 @@ def rotate(checkpoints_dir: Path, keep_last: int) -> None:
     """Delete committed checkpoints beyond the newest `keep_last`, never the best one. Call only after
     the newest checkpoint is committed, so a crash here cannot leave fewer than `keep_last`. While a
     best.json is there that names no checkpoint, nothing is deleted: the best one is not known."""
-    best = best_checkpoint(checkpoints_dir)
-    if best is None and os.path.lexists(checkpoints_dir / BEST_POINTER):
+    if keep_last <= 0 or best_pointer_problem(checkpoints_dir):
         return
-    for path in list_checkpoints(checkpoints_dir, committed=True)[:-keep_last] if keep_last > 0 else []:
-        if path != best:
+    for path in list_checkpoints(checkpoints_dir, committed=True)[:-keep_last]:
+        if path != best_checkpoint(checkpoints_dir):
             shutil.rmtree(path)
 
 
@@ -264,10 +251,7 @@ def verify(path: Path) -> Manifest:
         raise CheckpointError(f"{path}: not a checkpoint directory")
     if not (path / MANIFEST).exists():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST})")
-    try:
-        manifest = from_dict(Manifest, read_json(path / MANIFEST, CheckpointError))
-    except FieldError as error:
-        raise CheckpointError(f"{path / MANIFEST}: {error}") from None
+    manifest = read_record(path / MANIFEST, Manifest)
     if manifest.format_version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {manifest.format_version} is not {FORMAT_VERSION}; it "
                               f"was written by another vgg_dist version")
@@ -279,8 +263,7 @@ def verify(path: Path) -> Manifest:
     for name, entry in manifest.files.items():
         if entry.bytes < 0 or not _SHA256.match(entry.sha256):
             raise CheckpointError(f"{path / MANIFEST}: entry {short(name)} needs a byte count and a SHA-256")
-        size = regular_file_size(path / name)
-        if size != entry.bytes:
+        if (size := regular_file_size(path / name)) != entry.bytes:
             raise CheckpointError(f"{path / name}: {size} bytes, the manifest says {entry.bytes} "
                                   f"(truncated or appended to)")
         if _sha256(path / name, size) != entry.sha256:
@@ -306,20 +289,22 @@ def read(path: Path, identity: RunIdentity, model: torch.nn.Module, optimizer: t
     model, data order, schedule, EMA; every field's type and range; every rank's generator states);
     CheckpointError otherwise. Changes nothing."""
     verify(path)
-    try:
-        saved = from_dict(SavedState, read_json(path / STATE, CheckpointError))
-    except FieldError as error:
-        raise CheckpointError(f"{path / STATE}: {error}") from None
+    saved = read_record(path / STATE, SavedState)
     _check_same_run(path, saved, identity)
-    _check_progress(path, saved, identity)
+    if problem := _progress_problem(saved, identity):
+        raise CheckpointError(f"{path / STATE}: {problem}")
     try:
         optimizer_state = join_tensors(saved.optimizer, load_tensors(path / OPTIMIZER_FILE))
-        _check_optimizer_state(optimizer_state, optimizer)
+        check_optimizer_state(optimizer_state, optimizer)
     except (ValueError, TypeError, KeyError) as error:
         raise CheckpointError(f"{path / STATE}: optimizer state does not fit this optimizer ({error})") from None
-    ema = _read_weights(path / EMA_FILE, model) if identity.config.model_ema else None
-    return {"progress": saved.progress, "sums": saved.partial_epoch_totals, "model": _read_weights(
-        path / WEIGHTS_FILE, model), "ema": ema, "optimizer": optimizer_state, "scaler": saved.grad_scaler,
+    shapes = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    weights = {}
+    for name in (WEIGHTS_FILE, EMA_FILE) if identity.config.model_ema else (WEIGHTS_FILE,):
+        check_layout(path / name, shapes, SPEC_METADATA_KEY, "the model")
+        weights[name] = load_tensors(path / name)
+    return {"progress": saved.progress, "sums": saved.partial_epoch_totals, "model": weights[WEIGHTS_FILE],
+            "ema": weights.get(EMA_FILE), "optimizer": optimizer_state, "scaler": saved.grad_scaler,
             "rng": _read_every_rank_rng(path, saved)}
 
 
@@ -330,38 +315,18 @@ def _check_same_run(path: Path, saved: SavedState, identity: RunIdentity) -> Non
                    if getattr(spec, key) != value]
         raise CheckpointError(f"{path}: holds a different model ({', '.join(changed)}); resume with the flags "
                               f"it was trained with")
-    for name in DATA_ORDER_FLAGS:
-        if getattr(saved.flags, name) != getattr(config, name):
-            raise CheckpointError(f"{path}: was trained with {flag(name)} {short(getattr(saved.flags, name))}, not "
-                                  f"{getattr(config, name)}; the data order would change, so pass the same value")
-    if saved.flags.optimizer != config.optimizer:  # SGD without momentum saves no state a check would miss
-        raise CheckpointError(f"{path}: was trained with --optimizer {short(saved.flags.optimizer)}, not "
-                              f"{config.optimizer}; its optimizer state would not carry over, so pass the same value")
+    for name, otherwise in RESUME_MUST_MATCH.items():
+        was, now = getattr(saved.flags, name), getattr(config, name)
+        if was != now and isinstance(was, bool):
+            had = "with" if was else "without"
+            raise CheckpointError(f"{path}: was trained {had} {flag(name)}; resume {had} it: otherwise {otherwise}")
+        if was != now:
+            raise CheckpointError(f"{path}: was trained with {flag(name)} {short(was)}, not {now}; {otherwise}, "
+                                  f"so pass the same value")
     if saved.lr_schedule != identity.schedule.describe():
         raise CheckpointError(f"{path}: follows the learning-rate schedule {short(saved.lr_schedule)}, this run "
                               f"{identity.schedule.describe()}; pass the same --lr, --lr-schedule, --warmup-epochs "
                               f"and --epochs so the resumed run continues the same curve")
-    _check_fine_tuning(path, saved, config)
-    if (path / EMA_FILE).exists() != config.model_ema:
-        had = "with" if (path / EMA_FILE).exists() else "without"
-        raise CheckpointError(f"{path}: was trained {had} --model-ema; resume {had} it")
-
-
-def _check_fine_tuning(path: Path, saved: SavedState, config: TrainConfig) -> None:
-    """Which parameters train, and at what share of the rate, is fixed for a run: another value would change
-    the optimizer's groups (and with --freeze-features, the BatchNorm statistics) midway."""
-    if saved.flags.freeze_features != config.freeze_features:
-        had = "with" if saved.flags.freeze_features else "without"
-        raise CheckpointError(f"{path}: was trained {had} --freeze-features; resume {had} it")
-    if saved.flags.feature_lr_scale != config.feature_lr_scale:
-        raise CheckpointError(f"{path}: was trained with --feature-lr-scale {short(saved.flags.feature_lr_scale)}, "
-                              f"not {config.feature_lr_scale}; pass the same value so the convolutions keep their rate")
-
-
-def _check_progress(path: Path, saved: SavedState, identity: RunIdentity) -> None:
-    problem = _progress_problem(saved, identity)
-    if problem:
-        raise CheckpointError(f"{path / STATE}: {problem}")
 
 
 def _progress_problem(saved: SavedState, identity: RunIdentity) -> str | None:
@@ -388,45 +353,14 @@ def _progress_problem(saved: SavedState, identity: RunIdentity) -> str | None:
     return None
 
 
-def _read_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    metadata, layout = read_header(path)
-    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
-    if {name: shape for name, (_, shape) in layout.items()} != expected or SPEC_METADATA_KEY not in metadata:
-        raise CheckpointError(f"{path}: tensor names or shapes do not match the model")
-    return load_tensors(path)
-
-
-def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> None:
-    """The saved optimizer state has this optimizer's groups and per-parameter tensor shapes."""
-    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
-        raise ValueError("expected 'state' and 'param_groups'")
-    groups = saved["param_groups"]
-    if not isinstance(groups, list) or [g.get("params") if isinstance(g, dict) else None for g in groups] != \
-            [group["params"] for group in optimizer.state_dict()["param_groups"]]:
-        raise ValueError("parameter groups differ")
-    shapes = dict(enumerate(p.shape for group in optimizer.param_groups for p in group["params"]))
-    for index, entry in saved["state"].items():
-        if index not in shapes or not isinstance(entry, dict):
-            raise ValueError(f"state for unknown parameter {short(index)}")
-        for name, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shapes[index]:
-                raise ValueError(f"{name} of parameter {index} has shape {list(value.shape)}, the parameter "
-                                 f"{list(shapes[index])}")
-
-
 def _read_every_rank_rng(path: Path, saved: SavedState) -> list[tuple[dict[str, torch.Tensor], dict]]:
-    """Every saved rank's generator states, each checked by loading it into scratch generators: a resume
-    that could not continue every stream exactly is refused."""
-    tensors = load_tensors(path / RNG_FILE)
-    every_rank = []
+    """Every saved rank's generator states, each one checked: a resume that could not continue every
+    stream exactly is refused."""
+    tensors, every_rank = load_tensors(path / RNG_FILE), []
     for rank, json_state in enumerate(saved.rng):
         mine = {key.split(".", 1)[1]: value for key, value in tensors.items() if key.startswith(f"rank{rank}.")}
-        try:
-            if "cuda" in mine and torch.cuda.is_available() and mine["cuda"].shape != torch.cuda.get_rng_state().shape:
-                raise ValueError("CUDA generator state has the wrong size")
-            set_rng_state(mine, json_state, python=random.Random(), numpy=np.random.RandomState())
-        except (ValueError, TypeError, KeyError, RuntimeError, IndexError) as error:
-            raise CheckpointError(f"{path}: random generator state of rank {rank} is unusable ({short(error)}); "
-                                  f"resuming would not continue the run exactly") from None
+        if problem := rng_state_problem(mine, json_state):
+            raise CheckpointError(f"{path}: random generator state of rank {rank} is unusable ({problem}); "
+                                  f"resuming would not continue the run exactly")
         every_rank.append((mine, json_state))
     return every_rank

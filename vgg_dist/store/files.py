@@ -4,6 +4,7 @@ follow the umask, and a full disk reported in one line instead of a traceback.""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -18,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vgg_dist.errors import StopRun, UsageError
+from vgg_dist.fields import FieldError, from_dict
 
 EXIT_WRITE_FAILED = 74  # EX_IOERR: the disk filled (or failed) while the run wrote; nothing saved is lost
 
@@ -132,23 +134,42 @@ def read_json(path: Path, error: type[FileError] = FileError, limit: int = 64 <<
         raise error(f"{path}: not readable JSON ({str(problem).splitlines()[0]})") from None
 
 
-def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:
-    """(metadata, {tensor name: (dtype, shape)}) from a safetensors header, loading no tensor data."""
+def read_record(path: Path, kind: type):
+    """A JSON file as dataclass `kind`, every field checked (vgg_dist.fields); FileError naming the file."""
     try:
-        regular_file_size(path)
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            layout = {key: (handle.get_slice(key).get_dtype(), list(handle.get_slice(key).get_shape()))
-                      for key in handle.keys()}
+        return from_dict(kind, read_json(path))
+    except FieldError as error:
+        raise FileError(f"{path}: {error}") from None
+
+
+@contextlib.contextmanager
+def _safetensors_file(path: Path):
+    try:
+        yield
     except FileNotFoundError:
         raise FileError(f"{path}: file not found") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise FileError(f"{path}: not a valid safetensors file ({str(error).splitlines()[0]})") from None
-    return metadata, layout
+
+
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:
+    """(metadata, {tensor name: (dtype, shape)}) from a safetensors header, loading no tensor data."""
+    with _safetensors_file(path):
+        regular_file_size(path)
+        with safe_open(path, framework="pt") as handle:
+            return handle.metadata() or {}, {key: (handle.get_slice(key).get_dtype(),
+                                                    list(handle.get_slice(key).get_shape())) for key in handle.keys()}
+
+
+def check_layout(path: Path, shapes: dict[str, list[int]], metadata_key: str, what: str) -> dict[str, str]:
+    """A weights file's header metadata, once its tensor names and shapes are `shapes` and it holds
+    `metadata_key`: checked before a byte of tensor data is read."""
+    metadata, layout = read_header(path)
+    if {name: shape for name, (_, shape) in layout.items()} != shapes or metadata_key not in metadata:
+        raise FileError(f"{path}: tensor names or shapes do not match {what}")
+    return metadata
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
+    with _safetensors_file(path):
         return load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise FileError(f"{path}: not a valid safetensors file ({str(error).splitlines()[0]})") from None

@@ -1,16 +1,9 @@
-"""One writer per run directory: a lock file that a second run finds and refuses.
+"""One writer per run directory: `RUN_DIR/.vgg_dist.lock`, created with O_CREAT|O_EXCL and naming its holder.
 
-The lock is `RUN_DIR/.vgg_dist.lock`, created with O_CREAT|O_EXCL (atomic on local filesystems and on
-NFS v3+, Lustre and GPFS), holding who took it. The holder touches it every HEARTBEAT_SECONDS. A lock
-is abandoned, and taken over, when
-  - its holder ran on this machine (same host and boot) and that process is gone, or
-  - its holder was an earlier start of this same SLURM job (same SLURM_JOB_ID, a lower
-    SLURM_RESTART_COUNT): SLURM ends every process of a job before it starts the job again, so a
-    requeued job whose rank 0 lands on another node takes its own old lock at once, or
-  - its holder ran elsewhere and the heartbeat stopped STALE_AFTER_SECONDS ago (a process on another
-    node cannot be asked whether it is alive; a clock skew beyond that between nodes defeats this).
-A lock left by a killed run therefore blocks a run on the same machine, or the same job requeued, not
-at all, and another run on another node for at most STALE_AFTER_SECONDS.
+The holder touches it every HEARTBEAT_SECONDS. It is abandoned, and taken over, when its holder ran on
+this machine and is gone, was an earlier start of this same SLURM job (SLURM ends every process of a job
+before starting it again), or ran elsewhere and its heartbeat stopped STALE_AFTER_SECONDS ago
+(docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -112,15 +105,13 @@ class RunLock:
         except FileNotFoundError:
             return None
         except OSError as error:
-            kind = "a symbolic link" if error.errno == errno.ELOOP else f"unreadable ({error.strerror})"
-            raise UsageError(f"{self.path} is {kind}, not a vgg_dist lock file; remove it if no run uses "
-                             f"{self.path.parent}") from None
+            raise self._not_a_lock("a symbolic link" if error.errno == errno.ELOOP else
+                                   f"unreadable ({error.strerror})") from None
         mode = os.fstat(descriptor).st_mode  # before fdopen, which refuses a directory with its own error
         if not stat.S_ISREG(mode):
             os.close(descriptor)
-            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a file"
-            raise UsageError(f"{self.path} is {kind}, not a vgg_dist lock file; remove it if no run uses "
-                             f"{self.path.parent}")
+            raise self._not_a_lock("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                                   "not a file")
         with os.fdopen(descriptor, "rb") as handle:
             text = handle.read(1 << 16)
         try:
@@ -128,6 +119,10 @@ class RunLock:
         except ValueError:
             holder = {}  # written by a process that died mid-write, or not ours: judged by its age alone
         return holder if isinstance(holder, dict) else {}
+
+    def _not_a_lock(self, kind: str) -> UsageError:
+        return UsageError(f"{self.path} is {kind}, not a vgg_dist lock file; remove it if no run uses "
+                          f"{self.path.parent}")
 
     def _alive(self, holder: dict) -> bool:
         mine = self.owner.get("slurm_job"), self.owner.get("slurm_restart")

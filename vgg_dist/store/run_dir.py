@@ -15,10 +15,9 @@ import contextlib
 import datetime
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
 from vgg_dist.config import TRAIN_CONFIG_NAME, TrainConfig
 from vgg_dist.errors import UsageError
@@ -28,7 +27,7 @@ from vgg_dist.store.checkpoint import CHECKPOINTS_DIR, RunIdentity
 from vgg_dist.store.files import FileError
 from vgg_dist.store.lock import LOCK_NAME, RunLock
 from vgg_dist.store.run_files import CONFIG_NAME, CURVE_NAME, METRICS_NAME, PICTURES, REPORT_NAME, RunFiles, RunInfo
-from vgg_dist.training.dist import say
+from vgg_dist.training.dist import on_main, say
 from vgg_dist.training.state import TrainState
 
 RUNS_ROOT = Path("runs")
@@ -139,23 +138,6 @@ def choose_path(config: TrainConfig) -> Path:
     if (path / CHECKPOINTS_DIR).exists() and not (path / CHECKPOINTS_DIR).is_dir():
         raise UsageError(f"--output-dir {path}: {path / CHECKPOINTS_DIR} is a file; checkpoints need that name")
     return path
-
-
-def on_main(accelerator: Accelerator, work: Callable[[], object]) -> object:
-    """Run `work` on the main process and hand its result, or its UsageError, to every process, so that a
-    refusal ends every rank in the same way instead of leaving the others waiting in a collective."""
-    outcome = [None]
-    if accelerator.is_main_process:
-        try:
-            outcome = [("done", work())]
-        except UsageError as error:
-            outcome = [("refused", str(error))]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(outcome, from_process=0)
-    kind, value = outcome[0]
-    if kind == "refused":
-        raise UsageError(value)
-    return value
 
 
 def _create(path: Path) -> list[Path]:

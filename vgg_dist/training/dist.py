@@ -11,12 +11,13 @@ import dataclasses
 import datetime
 import os
 import socket
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import (AutocastKwargs, DDPCommunicationHookType, DistributedDataParallelKwargs,
-                               InitProcessGroupKwargs, ProjectConfiguration, gather_object)
+                               InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, gather_object)
 
 from vgg_dist.data.batches import BatchIndexedTensors, keep_batch, to_model_input
 from vgg_dist.data.sources import Split
@@ -64,6 +65,23 @@ def say(accelerator: Accelerator, line: str) -> None:
     """Print once per job: on the global main process (Accelerate's own print runs once per node)."""
     if accelerator.is_main_process:
         print(line, flush=True)
+
+
+def on_main(accelerator: Accelerator, work: Callable[[], object]) -> object:
+    """Run `work` on the main process and hand its result, or its UsageError, to every process, so that a
+    refusal ends every rank in the same way instead of leaving the others waiting in a collective."""
+    outcome = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [("done", work())]
+        except UsageError as error:
+            outcome = [("refused", str(error))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome, from_process=0)
+    kind, value = outcome[0]
+    if kind == "refused":
+        raise UsageError(value)
+    return value
 
 
 def check_layout(accelerator: Accelerator, batch_size: int, grad_accum_steps: int = 1) -> None:

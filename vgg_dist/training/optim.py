@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from vgg_dist.fields import short
 from vgg_dist.model import feature_layers
 
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -64,6 +65,25 @@ def make_adamw(model: torch.nn.Module | list[dict], lr: float, betas: tuple[floa
     1 - lr x weight_decay, as PyTorch's AdamW and timm define it; none on biases or BatchNorm."""
     return torch.optim.AdamW(_groups(model, weight_decay), lr=lr, betas=betas, weight_decay=weight_decay,
                              **({"fused": True} if fused else {"foreach": True}))
+
+
+def check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> None:
+    """A state dict read back from a file has this optimizer's groups and per-parameter tensor shapes;
+    ValueError otherwise (torch's own load_state_dict checks the group sizes, not the tensors)."""
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
+        raise ValueError("expected 'state' and 'param_groups'")
+    groups = saved["param_groups"]
+    if not isinstance(groups, list) or [g.get("params") if isinstance(g, dict) else None for g in groups] != \
+            [group["params"] for group in optimizer.state_dict()["param_groups"]]:
+        raise ValueError("parameter groups differ")
+    shapes = dict(enumerate(p.shape for group in optimizer.param_groups for p in group["params"]))
+    for index, entry in saved["state"].items():
+        if index not in shapes or not isinstance(entry, dict):
+            raise ValueError(f"state for unknown parameter {short(index)}")
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shapes[index]:
+                raise ValueError(f"{name} of parameter {index} has shape {list(value.shape)}, the parameter "
+                                 f"{list(shapes[index])}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
+from vgg_dist.fields import short
 from vgg_dist.training.dist import unwrapped_state_dict
 from vgg_dist.training.optim import ModelEMA
 
@@ -97,6 +98,19 @@ def set_rng_state(tensors: dict[str, torch.Tensor], json_state: dict,
             torch.cuda.set_rng_state(tensors["cuda"])
     (python or random).setstate((version, tuple(words), gauss))
     (numpy or np.random).set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+
+
+def rng_state_problem(tensors: dict[str, torch.Tensor], json_state: dict) -> str | None:
+    """Why an `rng_state()` read back from a file could not be loaded, found by loading it into scratch
+    generators; None when it can be."""
+    try:
+        cuda = tensors.get("cuda")
+        if cuda is not None and torch.cuda.is_available() and cuda.shape != torch.cuda.get_rng_state().shape:
+            raise ValueError("CUDA generator state has the wrong size")
+        set_rng_state(tensors, json_state, python=random.Random(), numpy=np.random.RandomState())
+    except (ValueError, TypeError, KeyError, RuntimeError, IndexError) as error:
+        return short(error)
+    return None
 
 
 class TrainState:
