@@ -1,12 +1,7 @@
 """The Store: the run directory a run writes into, held by one writer, with its checkpoints and files.
 
-A run writes only into a directory that is new, empty, or its own:
-  - without --resume, --output-dir must be new or empty;
-  - `--resume auto` continues the run in --output-dir, which may hold nothing but what a run writes;
-  - `--resume RUN/checkpoints/step_N` continues RUN from its newest checkpoint; an older one would
-    discard the newer ones, so it is refused (branch it into a new, empty --output-dir instead);
-  - a directory inside a run's checkpoints/ is never a run directory.
-Every refusal happens before a byte is written; directories a refused run created are removed again.
+A run writes only into a directory that is new, empty, or its own, and every refusal happens before a
+byte is written (docs/checkpoints.md, "Which directory a run writes into").
 """
 
 from __future__ import annotations
@@ -184,14 +179,12 @@ class Store:
             try:
                 lock = RunLock(path)
                 lock.acquire()
-            except UsageError:
+            except (UsageError, OSError) as error:
                 lock = None
                 _remove_if_empty(created)
+                if isinstance(error, OSError):
+                    raise UsageError(f"--output-dir {path}: cannot take its lock ({error})") from None
                 raise
-            except OSError as error:
-                lock = None
-                _remove_if_empty(created)
-                raise UsageError(f"--output-dir {path}: cannot take its lock ({error})") from None
             return str(path)
 
         store = cls(accelerator, Path(on_main(accelerator, take)))
