@@ -70,7 +70,7 @@ def _not_a_run(path: Path) -> str | None:
 
 
 def _newer_checkpoints(checkpoint_dir: Path) -> list[str]:
-    step = int(checkpoint.NAME.match(checkpoint_dir.name).group(1)) if checkpoint.NAME.match(checkpoint_dir.name) else -1
+    step = int(match.group(1)) if (match := checkpoint.NAME.match(checkpoint_dir.name)) else -1
     return [path.name for path in checkpoint.list_checkpoints(checkpoint_dir.parent, committed=True)
             if int(path.name.split("_")[1]) > step]
 
@@ -97,16 +97,14 @@ def _path_for_checkpoint(config: TrainConfig) -> Path:
 
 def _refuse_inside_checkpoints(path: Path) -> None:
     """A run directory is never inside a run's checkpoints, a checkpoint, or another run."""
-    run = _inside_checkpoints(path)
-    if run is not None:
+    if (run := _inside_checkpoints(path)) is not None:
         raise UsageError(f"--output-dir {path} is inside the checkpoints of run {run}; a run directory never is")
     resolved = path.resolve()
     for directory in [resolved, *resolved.parents]:
         if (directory / checkpoint.MANIFEST).is_file():
             raise UsageError(f"--output-dir {path} is inside the checkpoint {directory}; a run directory never is")
-    for parent in resolved.parents:
-        if (parent / CONFIG_NAME).is_file() and (parent / CHECKPOINTS_DIR).is_dir():
-            raise UsageError(f"--output-dir {path} is inside the run {parent}, which --resume auto would then "
+        if directory != resolved and (directory / CONFIG_NAME).is_file() and (directory / CHECKPOINTS_DIR).is_dir():
+            raise UsageError(f"--output-dir {path} is inside the run {directory}, which --resume auto would then "
                              f"refuse to continue; choose a directory outside it")
 
 
@@ -121,15 +119,13 @@ def choose_path(config: TrainConfig) -> Path:
             path, suffix = RUNS_ROOT / f"{stamp}-{suffix}", suffix + 1
     else:
         path = Path(config.output_dir)
-        _refuse_inside_checkpoints(path)
-        if config.resume is None and _holds_files(path):
-            raise UsageError(f"--output-dir {path} already exists and is not empty; choose a new directory so no "
-                             f"earlier run is overwritten, or pass --resume auto to continue it")
-        reason = _not_a_run(path)
-        if reason is not None:
-            raise UsageError(f"--output-dir {path} {reason}; --resume auto continues only a run's own directory, "
-                             f"so choose a new one")
     _refuse_inside_checkpoints(path)
+    if config.resume is None and _holds_files(path):
+        raise UsageError(f"--output-dir {path} already exists and is not empty; choose a new directory so no "
+                         f"earlier run is overwritten, or pass --resume auto to continue it")
+    if config.resume == "auto" and (reason := _not_a_run(path)):
+        raise UsageError(f"--output-dir {path} {reason}; --resume auto continues only a run's own directory, "
+                         f"so choose a new one")
     if (path / CHECKPOINTS_DIR).exists() and not (path / CHECKPOINTS_DIR).is_dir():
         raise UsageError(f"--output-dir {path}: {path / CHECKPOINTS_DIR} is a file; checkpoints need that name")
     return path
