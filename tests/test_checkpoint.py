@@ -341,7 +341,15 @@ def _misshape_momentum(path, sentinel):
     _rewrite_manifest(path)
 
 
+def _set_group_setting(state, key, value):
+    """Set `key` in every parameter group of state.json's optimizer (stored as {"dict": [[key, node]...]})."""
+    groups = dict(state["optimizer"]["dict"])["param_groups"]["list"]
+    for group in groups:
+        dict(group["dict"])[key]["value"] = value
+
+
 def _at_epoch(epoch):
+    """A state edited to the start of `epoch`, consistent in itself (not with the manifest's step)."""
     def change(state):
         state["progress"].update(epoch=epoch, step_in_epoch=0, global_step=epoch * STEPS_PER_EPOCH)
     return change
@@ -381,6 +389,14 @@ BAD_CHECKPOINTS = {
     "partial sums not finite": (_edit_state(lambda s: s["partial_epoch_totals"].update(loss=float("nan"))),
                                 "partial_epoch_totals.loss must be a finite number"),
     "world size 0": (_edit_state(lambda s: s.update(world_size=0)), "world_size must be a positive integer"),
+    "progress of another step than the manifest's": (_edit_state(lambda s: (_at_epoch(1)(s), s.update(
+        partial_epoch_totals={"loss": 0.0, "correct": 0.0, "samples": 0.0}))), "is not the manifest's 20"),
+    "momentum edited": (_edit_state(lambda s: _set_group_setting(s, "momentum", 0.99)),
+                        "group 0 has momentum 0.99, this run 0.9"),
+    "manifest nested beyond what JSON parses": (lambda p, s: (p / "manifest.json").write_text("[" * 100_000),
+                                                "manifest.json: not readable JSON"),
+    "negative partial loss": (_edit_state(lambda s: s["partial_epoch_totals"].update(loss=-1.0)),
+                              "partial_epoch_totals need a loss and a correct count of at least 0"),
 }
 
 
@@ -420,6 +436,10 @@ def test_bad_checkpoint_is_refused_with_one_line_and_nothing_changes(one_process
     (["--batch-size", "32"], "was trained with --batch-size 16, not 32"),
     (["--lr", "0.1"], "follows the learning-rate schedule"),
     (["--no-model-ema"], "was trained with --model-ema; resume with it"),
+    (["--momentum", "0.5"], "was trained with --momentum 0.9, not 0.5; the optimizer's settings come from the "
+                            "checkpoint"),
+    (["--weight-decay", "0.001"], "was trained with --weight-decay 0.0005, not 0.001"),
+    (["--optimizer", "adamw"], "was trained with --optimizer sgd, not adamw"),
 ])
 def test_checkpoint_of_another_run_is_refused(one_process_run, flags, message):
     with pytest.raises(checkpoint.CheckpointError, match=re.escape(message)):
@@ -429,6 +449,22 @@ def test_checkpoint_of_another_run_is_refused(one_process_run, flags, message):
 def test_a_dataset_with_other_classes_is_refused(one_process_run):
     with pytest.raises(checkpoint.CheckpointError, match="num_classes 10 here 7"):
         read_checkpoint(one_process_run / "checkpoints" / "step_0000020", num_classes=7)
+
+
+def test_a_checkpoint_renamed_to_another_step_is_refused(one_process_run, tmp_path):
+    renamed = shutil.copytree(one_process_run / "checkpoints" / "step_0000020", tmp_path / "step_0000999")
+    with pytest.raises(checkpoint.CheckpointError, match="its manifest is of global step 20; a checkpoint keeps the "
+                                                         "name step_0000020"):
+        checkpoint.verify(renamed)
+
+
+def test_a_checkpoint_of_a_hub_run_outside_its_run_says_where_its_class_names_are(one_process_run, tmp_path):
+    from vgg_dist.errors import UsageError
+    from vgg_dist.store.artifacts import resolve_weights
+    loose = shutil.copytree(one_process_run / "checkpoints" / "step_0000020", tmp_path / "step_0000020")
+    _edit_state(lambda s: s["flags"].update(dataset="someone/pets"))(loose, None)
+    with pytest.raises(UsageError, match="a checkpoint of a someone/pets run outside its run directory"):
+        resolve_weights(loose)
 
 
 @pytest.mark.slow

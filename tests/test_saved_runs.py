@@ -118,6 +118,48 @@ def test_a_damaged_metrics_line_before_the_last_is_refused_before_any_file_chang
     assert directory_bytes(run_dir) == before and listing(run_dir) == entries  # config.json included
 
 
+@pytest.mark.parametrize("make", [os.mkfifo, lambda path: path.symlink_to(path.parent.parent / "elsewhere.jsonl")],
+                         ids=["fifo", "link out of the run"])
+def test_a_metrics_file_that_is_not_a_plain_file_is_refused_before_anything_is_read_or_appended(
+        finished_run, tiny_data, tmp_path, make):
+    """A FIFO would block the resume for ever; a link would send the new records outside the run."""
+    run_dir = _stopped_after_epoch_one(finished_run, tmp_path / "run")
+    (tmp_path / "elsewhere.jsonl").write_text("")
+    (run_dir / "metrics.jsonl").unlink()
+    make(run_dir / "metrics.jsonl")
+    before, entries = directory_bytes(run_dir), listing(run_dir)
+    stderr = refused(tiny_data, "--output-dir", str(run_dir), "--resume", "auto")
+    assert f"{run_dir / 'metrics.jsonl'}: not a regular file" in stderr
+    assert directory_bytes(run_dir) == before and listing(run_dir) == entries
+    assert (tmp_path / "elsewhere.jsonl").read_text() == ""
+
+
+def test_a_run_directory_passed_to_resume_says_how_to_continue_it(finished_run, tiny_data):
+    stderr = refused(tiny_data, "--resume", str(finished_run))
+    assert f"--resume {finished_run} is a run directory; continue it with --resume auto --output-dir" in stderr
+
+
+def test_evaluate_names_what_is_missing_in_a_stopped_run_and_behind_best_json(finished_run, tmp_path):
+    run_dir = shutil.copytree(finished_run, tmp_path / "run", ignore=shutil.ignore_patterns("tensorboard"))
+    (run_dir / "model.safetensors").unlink()
+    code, _, stderr = run_main(evaluate.main, ["--checkpoint", str(run_dir)])
+    assert code == 2 and "no model.safetensors, which a run writes when it finishes" in stderr, stderr
+    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())["checkpoint"]
+    shutil.rmtree(run_dir / "checkpoints" / best)
+    code, _, stderr = run_main(evaluate.main, ["--checkpoint", str(run_dir / "checkpoints" / "best")])
+    assert code == 2 and f"best.json names {best}, which is gone" in stderr, stderr
+
+
+def test_a_symlinked_checkpoint_is_neither_resumed_nor_rotated(finished_run, tmp_path):
+    from vgg_dist.store import checkpoint
+    run_dir = shutil.copytree(finished_run, tmp_path / "run", ignore=shutil.ignore_patterns("tensorboard"))
+    outside = shutil.copytree(run_dir / "checkpoints" / "step_0000016", tmp_path / "kept")
+    (run_dir / "checkpoints" / "step_0000001").symlink_to(outside)  # older than all: rotation reaches it
+    assert all(not path.is_symlink() for path in checkpoint.list_checkpoints(run_dir / "checkpoints"))
+    checkpoint.rotate(run_dir / "checkpoints", keep_last=1)
+    assert (outside / "manifest.json").is_file()
+
+
 @pytest.mark.parametrize("pointer", [{"checkpoint": 5}, {"checkpoint": "../../other"}, ["step_0000004"],
                                      {"checkpoint": "step_0000004/../../x"}])
 def test_an_edited_best_json_is_refused_in_one_line(finished_run, tmp_path, pointer):

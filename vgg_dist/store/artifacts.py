@@ -25,7 +25,8 @@ WEIGHTS_NAME = checkpoint.WEIGHTS_FILE
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], spec: ModelSpec) -> None:
-    write_atomically(path, lambda temporary: save_tensors(temporary, state_dict, checkpoint.weights_metadata(spec)))
+    metadata = {**checkpoint.weights_metadata(spec), "vgg_dist.file": Path(path).name}  # not the temporary's name
+    write_atomically(path, lambda temporary: save_tensors(temporary, state_dict, metadata))
 
 
 def read_weights_spec(path: Path) -> ModelSpec:
@@ -45,6 +46,10 @@ def _loose_checkpoint_info(checkpoint_dir: Path) -> RunInfo:
     """What a checkpoint outside any run says about itself, from its state.json."""
     saved = read_record(checkpoint_dir / checkpoint.STATE, checkpoint.SavedState)
     flags = saved.flags
+    if flags.dataset not in DATASETS:  # only the run's config.json names another dataset's classes
+        raise UsageError(f"--checkpoint {checkpoint_dir}: a checkpoint of a {flags.dataset} run outside its run "
+                         f"directory; its class names are in that run's {CONFIG_NAME}, so pass the checkpoint "
+                         f"inside its run (RUN/{checkpoint.CHECKPOINTS_DIR}/{checkpoint_dir.name})")
     return RunInfo(model=saved.model, class_names=list(DATASETS[flags.dataset].class_names),
                    class_names_from=flags.dataset,
                    dataset=flags.dataset, data_source=flags.data_dir or "hub", source_image_size=[28, 28],
@@ -64,6 +69,9 @@ def resolve_weights(path: Path) -> tuple[Path, RunInfo]:
         if best is None:
             raise UsageError(f"--checkpoint {path}: no valid {checkpoint.BEST_POINTER} in {path.parent} (it must "
                              f"name a step_N checkpoint there)")
+        if not best.is_dir():
+            raise UsageError(f"--checkpoint {path}: {path.parent / checkpoint.BEST_POINTER} names {best.name}, which "
+                             f"is gone; pass one of the checkpoints in {path.parent}")
         path = best
     if not path.is_dir():
         raise UsageError(f"--checkpoint {path}: not a directory; pass a run directory written by training, "
@@ -77,6 +85,9 @@ def resolve_weights(path: Path) -> tuple[Path, RunInfo]:
     if not (path / CONFIG_NAME).exists():
         raise UsageError(f"--checkpoint {path}: no {CONFIG_NAME}; pass a run directory written by training, "
                          f"or one of its checkpoints")
+    if not os.path.lexists(path / WEIGHTS_NAME):
+        raise UsageError(f"--checkpoint {path}: no {WEIGHTS_NAME}, which a run writes when it finishes; pass one "
+                         f"of its checkpoints ({path / checkpoint.CHECKPOINTS_DIR}/best or step_N)")
     return path / WEIGHTS_NAME, read_run_info(path)
 
 

@@ -40,11 +40,14 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Flags that fix which images each step sees; a checkpoint only continues a run that agrees on them.
 DATA_ORDER_FLAGS = ("batch_size", "seed", "dataset", "max_train_samples", "val_split")
 # Every flag a resumed run must share with its checkpoint, and what would change midway otherwise.
+# The optimizer's own settings are restored with its state, so a flag that says otherwise would be ignored.
 RESUME_MUST_MATCH = {**dict.fromkeys(DATA_ORDER_FLAGS, "the data order would change"),
                      "optimizer": "its optimizer state would not carry over",
+                     "weight_decay": "the optimizer's settings come from the checkpoint, not the flags",
                      "freeze_features": "which parameters train, and the BatchNorm statistics, would change",
                      "feature_lr_scale": "the convolutions would change learning rate",
                      "model_ema": "the weights' average would start or stop"}
+OPTIMIZER_SETTINGS = {"sgd": ("momentum", "nesterov"), "adamw": ("beta1", "beta2")}
 
 CheckpointError = FileError  # a checkpoint that must not be loaded; the message names its path and the problem
 
@@ -197,8 +200,9 @@ def write(checkpoints_dir: Path, state: dict, identity: RunIdentity) -> Path:
 
 def list_checkpoints(checkpoints_dir: Path, committed: bool = False) -> list[Path]:
     """Checkpoint directories by global step, oldest first; with `committed`, only those with a manifest."""
-    found = sorted((int(match.group(1)), path) for path in checkpoints_dir.iterdir()
-                   if path.is_dir() and (match := NAME.match(path.name))) if checkpoints_dir.is_dir() else []
+    found = sorted((int(match.group(1)), path) for path in checkpoints_dir.iterdir()  # a link is not ours to rotate
+                   if (match := NAME.match(path.name)) and path.is_dir() and not path.is_symlink()
+                   ) if checkpoints_dir.is_dir() else []
     return [path for _, path in found if not committed or (path / MANIFEST).is_file()]
 
 
@@ -255,6 +259,9 @@ def verify(path: Path) -> Manifest:
     if manifest.format_version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {manifest.format_version} is not {FORMAT_VERSION}; it "
                               f"was written by another vgg_dist version")
+    if (named := NAME.match(path.name)) and int(named.group(1)) != manifest.global_step:
+        raise CheckpointError(f"{path}: its manifest is of global step {manifest.global_step}; a checkpoint keeps "
+                              f"the name {checkpoint_name(manifest.global_step)} it was saved under")
     present = {entry.name for entry in path.iterdir()} - {MANIFEST}
     if present != set(manifest.files):
         missing, extra = sorted(set(manifest.files) - present), sorted(present - set(manifest.files))
@@ -288,15 +295,15 @@ def read(path: Path, identity: RunIdentity, model: torch.nn.Module, optimizer: t
     """A checkpoint as a TrainState state dict, verified in full and checked to continue this run (the same
     model, data order, schedule, EMA; every field's type and range; every rank's generator states);
     CheckpointError otherwise. Changes nothing."""
-    verify(path)
+    manifest = verify(path)
     saved = read_record(path / STATE, SavedState)
     _check_same_run(path, saved, identity)
-    if problem := _progress_problem(saved, identity):
+    if problem := _progress_problem(saved, identity, manifest.global_step):
         raise CheckpointError(f"{path / STATE}: {problem}")
     try:
         optimizer_state = join_tensors(saved.optimizer, load_tensors(path / OPTIMIZER_FILE))
         check_optimizer_state(optimizer_state, optimizer)
-    except (ValueError, TypeError, KeyError) as error:
+    except (ValueError, TypeError, KeyError, RecursionError) as error:
         raise CheckpointError(f"{path / STATE}: optimizer state does not fit this optimizer ({error})") from None
     shapes = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
     weights = {}
@@ -315,21 +322,26 @@ def _check_same_run(path: Path, saved: SavedState, identity: RunIdentity) -> Non
                    if getattr(spec, key) != value]
         raise CheckpointError(f"{path}: holds a different model ({', '.join(changed)}); resume with the flags "
                               f"it was trained with")
-    for name, otherwise in RESUME_MUST_MATCH.items():
+    settings = dict.fromkeys(OPTIMIZER_SETTINGS.get(config.optimizer, ()), RESUME_MUST_MATCH["weight_decay"])
+    for name, otherwise in {**RESUME_MUST_MATCH, **settings}.items():
         was, now = getattr(saved.flags, name), getattr(config, name)
         if was != now and isinstance(was, bool):
             had = "with" if was else "without"
             raise CheckpointError(f"{path}: was trained {had} {flag(name)}; resume {had} it: otherwise {otherwise}")
         if was != now:
-            raise CheckpointError(f"{path}: was trained with {flag(name)} {short(was)}, not {now}; {otherwise}, "
-                                  f"so pass the same value")
+            raise CheckpointError(f"{path}: was trained with {flag(name)} {_shown(was)}, not {_shown(now)}; "
+                                  f"{otherwise}, so pass the same value")
     if saved.lr_schedule != identity.schedule.describe():
         raise CheckpointError(f"{path}: follows the learning-rate schedule {short(saved.lr_schedule)}, this run "
                               f"{identity.schedule.describe()}; pass the same --lr, --lr-schedule, --warmup-epochs "
                               f"and --epochs so the resumed run continues the same curve")
 
 
-def _progress_problem(saved: SavedState, identity: RunIdentity) -> str | None:
+def _shown(value) -> str:
+    return value if isinstance(value, str) and len(value) <= 60 else short(value)
+
+
+def _progress_problem(saved: SavedState, identity: RunIdentity, manifest_step: int) -> str | None:
     """What is wrong with the saved progress, sums and world size, judged against this run's data and length."""
     progress, sums, steps = saved.progress, saved.partial_epoch_totals, identity.steps_per_epoch
     epochs, samples = identity.config.epochs, progress.step_in_epoch * identity.config.batch_size
@@ -343,13 +355,18 @@ def _progress_problem(saved: SavedState, identity: RunIdentity) -> str | None:
     if progress.global_step != progress.epoch * steps + progress.step_in_epoch:
         return (f"progress.global_step {progress.global_step} is not epoch {progress.epoch} x {steps} steps + "
                 f"{progress.step_in_epoch}; was it trained on other data?")
-    if progress.epoch > epochs or (progress.epoch == epochs and progress.step_in_epoch):
-        return (f"the checkpoint is past the end of a {epochs}-epoch run (epoch {progress.epoch + 1}); pass "
-                f"--epochs {progress.epoch + 1} or more")
-    if min(sums.loss, sums.correct) < 0 or sums.samples != samples or sums.correct > sums.samples:
+    needed = progress.epoch + (progress.step_in_epoch > 0)  # epochs begun, the one in progress included
+    if needed > epochs:
+        return (f"the checkpoint has begun {needed} epochs, past the end of a {epochs}-epoch run; pass --epochs "
+                f"{needed} or more")
+    if sums.samples != samples:
         return f"partial_epoch_totals count {sums.samples:g} samples where the progress implies {samples}"
+    if min(sums.loss, sums.correct) < 0 or sums.correct > sums.samples:
+        return "partial_epoch_totals need a loss and a correct count of at least 0, and no more correct than samples"
     if saved.world_size < 1 or len(saved.rng) != saved.world_size:
         return f"world_size must be a positive integer with one 'rng' entry per rank, got {saved.world_size}"
+    if progress.global_step != manifest_step:
+        return f"progress.global_step {progress.global_step} is not the manifest's {manifest_step}"
     return None
 
 

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vgg_dist.errors import StopRun, UsageError
-from vgg_dist.fields import FieldError, from_dict
+from vgg_dist.fields import FieldError, from_dict, short
 
 EXIT_WRITE_FAILED = 74  # EX_IOERR: the disk filled (or failed) while the run wrote; nothing saved is lost
 
@@ -130,8 +130,8 @@ def read_json(path: Path, error: type[FileError] = FileError, limit: int = 64 <<
         return json.loads(path.read_bytes())
     except FileNotFoundError:
         raise error(f"{path}: file not found") from None
-    except (OSError, ValueError) as problem:
-        raise error(f"{path}: not readable JSON ({str(problem).splitlines()[0]})") from None
+    except (OSError, ValueError, RecursionError) as problem:  # RecursionError: nested beyond what json parses
+        raise error(f"{path}: not readable JSON ({short(str(problem).splitlines()[0])})") from None
 
 
 def read_record(path: Path, kind: type):

@@ -63,10 +63,11 @@ class RunLock:
             except (FileExistsError, IsADirectoryError):  # a directory at the name: _read_holder says so
                 holder = self._read_holder()
                 if holder is not None and self._alive(holder):
-                    raise UsageError(f"--output-dir {self.path.parent} is in use by another run (pid "
-                                     f"{holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}); "
-                                     f"wait for it to end or choose another directory") from None
+                    raise self._in_use(holder) from None
                 self._take_over_abandoned(holder)
+                if holder:
+                    print(f"took over the lock of {self.path.parent} from a run that ended without releasing it "
+                          f"(pid {holder.get('pid')} on {holder.get('host')})", flush=True)
                 continue
             with os.fdopen(descriptor, "w") as handle:
                 handle.write(json.dumps(self.owner))
@@ -119,6 +120,15 @@ class RunLock:
         except ValueError:
             holder = {}  # written by a process that died mid-write, or not ours: judged by its age alone
         return holder if isinstance(holder, dict) else {}
+
+    def _in_use(self, holder: dict) -> UsageError:
+        if isinstance(holder.get("pid"), int):
+            return UsageError(f"--output-dir {self.path.parent} is in use by another run (pid {holder['pid']} on "
+                              f"{str(holder.get('host'))[:80]}, since {str(holder.get('since'))[:40]}); wait for it to end "
+                              f"or choose another directory")
+        return UsageError(f"--output-dir {self.path.parent}: {self.path} names no run (a run that died while taking "
+                          f"it, or not vgg_dist's); it counts as abandoned {STALE_AFTER_SECONDS} s after its last "
+                          f"change, or remove it if no run uses {self.path.parent}")
 
     def _not_a_lock(self, kind: str) -> UsageError:
         return UsageError(f"{self.path} is {kind}, not a vgg_dist lock file; remove it if no run uses "

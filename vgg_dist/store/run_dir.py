@@ -77,6 +77,9 @@ def _newer_checkpoints(checkpoint_dir: Path) -> list[str]:
 
 def _path_for_checkpoint(config: TrainConfig) -> Path:
     """The run directory of `--resume PATH`: the checkpoint's own run, or a new, empty --output-dir."""
+    if (Path(config.resume) / CONFIG_NAME).is_file():
+        raise UsageError(f"--resume {config.resume} is a run directory; continue it with --resume auto --output-dir "
+                         f"{config.resume}, or pass one of its checkpoints")
     own_run = _inside_checkpoints(Path(config.resume))
     if config.output_dir is None or (own_run is not None and Path(config.output_dir).resolve() == own_run):
         if own_run is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +25,7 @@ from vgg_dist.errors import UsageError
 from vgg_dist.fields import FieldError, from_dict, short
 from vgg_dist.model import ModelSpec
 from vgg_dist.report import CurvePoint, EpochRecord, per_class_report, plot_confusion, plot_curves
-from vgg_dist.store.files import FileError, append_jsonl, read_json, write_json, write_text
+from vgg_dist.store.files import FileError, append_jsonl, read_json, regular_file_size, write_json, write_text
 
 CONFIG_NAME, METRICS_NAME, CURVE_NAME, REPORT_NAME = "config.json", "metrics.jsonl", "train_curve.jsonl", "report.json"
 PICTURES = ("curves.png", "curves.svg", "confusion.png", "confusion.svg")
@@ -125,15 +126,16 @@ class RunFiles:
 
     def _read(self, name: str, kind: type) -> list[tuple[str, object]]:
         path = self.run_dir / name
-        if not path.exists():
+        if not os.path.lexists(path):
             return []
+        regular_file_size(path)  # a FIFO would block the read for ever; a link would send the appends outside the run
         text = path.read_text(errors="replace")
         lines = text.splitlines()
         records = []
         for number, line in enumerate(lines, start=1):
             try:
                 records.append((line, from_dict(kind, json.loads(line), f"line {number}")))
-            except (ValueError, FieldError) as error:
+            except (ValueError, FieldError, RecursionError) as error:
                 if number == len(lines) and not text.endswith("\n"):
                     self.say(f"dropped the torn last line of {path} (a crash mid-write); the checkpoint "
                              f"holds what it recorded")

@@ -67,15 +67,25 @@ def make_adamw(model: torch.nn.Module | list[dict], lr: float, betas: tuple[floa
                              **({"fused": True} if fused else {"foreach": True}))
 
 
+# The settings of a parameter group that its flags fix (the learning rate follows the schedule instead, and
+# foreach/fused only choose an implementation, which may differ between machines).
+HYPERPARAMETERS = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "amsgrad", "maximize",
+                   "lr_scale")
+
+
 def check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> None:
     """A state dict read back from a file has this optimizer's groups and per-parameter tensor shapes;
     ValueError otherwise (torch's own load_state_dict checks the group sizes, not the tensors)."""
     if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
         raise ValueError("expected 'state' and 'param_groups'")
-    groups = saved["param_groups"]
+    groups, own_groups = saved["param_groups"], optimizer.state_dict()["param_groups"]
     if not isinstance(groups, list) or [g.get("params") if isinstance(g, dict) else None for g in groups] != \
-            [group["params"] for group in optimizer.state_dict()["param_groups"]]:
+            [group["params"] for group in own_groups]:
         raise ValueError("parameter groups differ")
+    for index, (group, own) in enumerate(zip(groups, own_groups)):
+        changed = next((key for key in HYPERPARAMETERS if key in own and group.get(key) != own[key]), None)
+        if changed is not None:
+            raise ValueError(f"group {index} has {changed} {short(group.get(changed))}, this run {short(own[changed])}")
     shapes = dict(enumerate(p.shape for group in optimizer.param_groups for p in group["params"]))
     for index, entry in saved["state"].items():
         if index not in shapes or not isinstance(entry, dict):
