@@ -40,14 +40,15 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Flags that fix which images each step sees; a checkpoint only continues a run that agrees on them.
 DATA_ORDER_FLAGS = ("batch_size", "seed", "dataset", "max_train_samples", "val_split")
 # Every flag a resumed run must share with its checkpoint, and what would change midway otherwise.
-# The optimizer's own settings are restored with its state, so a flag that says otherwise would be ignored.
+# The optimizer's own settings are restored with its state, so a flag that said otherwise would be ignored.
+OVERRULED = "the optimizer's settings come from the checkpoint, not the flags"
 RESUME_MUST_MATCH = {**dict.fromkeys(DATA_ORDER_FLAGS, "the data order would change"),
                      "optimizer": "its optimizer state would not carry over",
-                     "weight_decay": "the optimizer's settings come from the checkpoint, not the flags",
+                     "weight_decay": OVERRULED,
                      "freeze_features": "which parameters train, and the BatchNorm statistics, would change",
                      "feature_lr_scale": "the convolutions would change learning rate",
                      "model_ema": "the weights' average would start or stop"}
-OPTIMIZER_SETTINGS = {"sgd": ("momentum", "nesterov"), "adamw": ("beta1", "beta2")}
+OPTIMIZER_SETTINGS = {"sgd": ("momentum", "nesterov"), "adamw": ("beta1", "beta2")}  # besides weight_decay
 
 CheckpointError = FileError  # a checkpoint that must not be loaded; the message names its path and the problem
 
@@ -200,9 +201,11 @@ def write(checkpoints_dir: Path, state: dict, identity: RunIdentity) -> Path:
 
 def list_checkpoints(checkpoints_dir: Path, committed: bool = False) -> list[Path]:
     """Checkpoint directories by global step, oldest first; with `committed`, only those with a manifest."""
-    found = sorted((int(match.group(1)), path) for path in checkpoints_dir.iterdir()  # a link is not ours to rotate
-                   if (match := NAME.match(path.name)) and path.is_dir() and not path.is_symlink()
-                   ) if checkpoints_dir.is_dir() else []
+    if not checkpoints_dir.is_dir():
+        return []
+    # A link is not the run's own checkpoint: never resumed from, never rotated away.
+    found = sorted((int(match.group(1)), path) for path in checkpoints_dir.iterdir()
+                   if (match := NAME.match(path.name)) and path.is_dir() and not path.is_symlink())
     return [path for _, path in found if not committed or (path / MANIFEST).is_file()]
 
 
@@ -234,8 +237,9 @@ def rotate(checkpoints_dir: Path, keep_last: int) -> None:
     best.json is there that names no checkpoint, nothing is deleted: the best one is not known."""
     if keep_last <= 0 or best_pointer_problem(checkpoints_dir):
         return
+    best = best_checkpoint(checkpoints_dir)
     for path in list_checkpoints(checkpoints_dir, committed=True)[:-keep_last]:
-        if path != best_checkpoint(checkpoints_dir):
+        if path != best:
             shutil.rmtree(path)
 
 
@@ -322,7 +326,7 @@ def _check_same_run(path: Path, saved: SavedState, identity: RunIdentity) -> Non
                    if getattr(spec, key) != value]
         raise CheckpointError(f"{path}: holds a different model ({', '.join(changed)}); resume with the flags "
                               f"it was trained with")
-    settings = dict.fromkeys(OPTIMIZER_SETTINGS.get(config.optimizer, ()), RESUME_MUST_MATCH["weight_decay"])
+    settings = dict.fromkeys(OPTIMIZER_SETTINGS.get(config.optimizer, ()), OVERRULED)
     for name, otherwise in {**RESUME_MUST_MATCH, **settings}.items():
         was, now = getattr(saved.flags, name), getattr(config, name)
         if was != now and isinstance(was, bool):
@@ -355,9 +359,9 @@ def _progress_problem(saved: SavedState, identity: RunIdentity, manifest_step: i
     if progress.global_step != progress.epoch * steps + progress.step_in_epoch:
         return (f"progress.global_step {progress.global_step} is not epoch {progress.epoch} x {steps} steps + "
                 f"{progress.step_in_epoch}; was it trained on other data?")
-    needed = progress.epoch + (progress.step_in_epoch > 0)  # epochs begun, the one in progress included
+    needed = progress.epoch + (progress.step_in_epoch > 0)  # the epoch in progress, or the last one finished
     if needed > epochs:
-        return (f"the checkpoint has begun {needed} epochs, past the end of a {epochs}-epoch run; pass --epochs "
+        return (f"the checkpoint has reached epoch {needed}, past the end of a {epochs}-epoch run; pass --epochs "
                 f"{needed} or more")
     if sums.samples != samples:
         return f"partial_epoch_totals count {sums.samples:g} samples where the progress implies {samples}"
