@@ -18,7 +18,8 @@ from vgg_dist.data.sources import DATASETS
 from vgg_dist.errors import UsageError
 from vgg_dist.model import ModelSpec, build_model
 from vgg_dist.store import checkpoint
-from vgg_dist.store.files import check_layout, load_tensors, read_header, read_record, save_tensors, write_atomically
+from vgg_dist.store.files import (check_weights_header, load_tensors, read_header, read_record, save_tensors,
+                                  write_atomically)
 from vgg_dist.store.run_files import CONFIG_NAME, RunInfo, read_run_info
 
 WEIGHTS_NAME = checkpoint.WEIGHTS_FILE
@@ -101,7 +102,7 @@ def load_model(path: Path) -> tuple[torch.nn.Module, RunInfo]:
                          f"describes {info.model.to_dict()}; the two do not belong together")
     with torch.device("meta"):
         expected = {name: list(tensor.shape) for name, tensor in build_model(stored).state_dict().items()}
-    check_layout(weights_path, expected, checkpoint.SPEC_METADATA_KEY, "the model its header describes")
+    check_weights_header(weights_path, expected, checkpoint.SPEC_METADATA_KEY, "the model its header describes")
     model = build_model(stored)
     model.load_state_dict(load_tensors(weights_path))
     return model.eval(), info

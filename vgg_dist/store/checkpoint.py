@@ -24,8 +24,8 @@ from vgg_dist.cli import flag
 from vgg_dist.config import TrainConfig
 from vgg_dist.fields import short
 from vgg_dist.model import ModelSpec
-from vgg_dist.store.files import (FileError, check_layout, fsync_path, load_tensors, no_space, read_header, read_json,
-                                  read_record, regular_file_size, save_tensors, write_failed, write_json)
+from vgg_dist.store.files import (FileError, check_weights_header, fsync_path, load_tensors, no_space, read_header,
+                                  read_json, read_record, regular_file_size, save_tensors, write_failed, write_json)
 from vgg_dist.training.optim import LRSchedule, check_optimizer_state
 from vgg_dist.training.state import EpochSums, Progress, rng_state_problem
 
@@ -235,9 +235,9 @@ def rotate(checkpoints_dir: Path, keep_last: int) -> None:
     """Delete committed checkpoints beyond the newest `keep_last`, never the best one. Call only after
     the newest checkpoint is committed, so a crash here cannot leave fewer than `keep_last`. While a
     best.json is there that names no checkpoint, nothing is deleted: the best one is not known."""
-    if keep_last <= 0 or best_pointer_problem(checkpoints_dir):
-        return
     best = best_checkpoint(checkpoints_dir)
+    if keep_last <= 0 or (best is None and os.path.lexists(checkpoints_dir / BEST_POINTER)):
+        return
     for path in list_checkpoints(checkpoints_dir, committed=True)[:-keep_last]:
         if path != best:
             shutil.rmtree(path)
@@ -312,7 +312,7 @@ def read(path: Path, identity: RunIdentity, model: torch.nn.Module, optimizer: t
     shapes = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
     weights = {}
     for name in (WEIGHTS_FILE, EMA_FILE) if identity.config.model_ema else (WEIGHTS_FILE,):
-        check_layout(path / name, shapes, SPEC_METADATA_KEY, "the model")
+        check_weights_header(path / name, shapes, SPEC_METADATA_KEY, "the model")
         weights[name] = load_tensors(path / name)
     return {"progress": saved.progress, "sums": saved.partial_epoch_totals, "model": weights[WEIGHTS_FILE],
             "ema": weights.get(EMA_FILE), "optimizer": optimizer_state, "scaler": saved.grad_scaler,

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vgg_dist.errors import StopRun, UsageError
-from vgg_dist.fields import FieldError, from_dict, short
+from vgg_dist.fields import FieldError, from_dict
 
 EXIT_WRITE_FAILED = 74  # EX_IOERR: the disk filled (or failed) while the run wrote; nothing saved is lost
 
@@ -120,18 +120,18 @@ def regular_file_size(path: Path) -> int:
     return path.lstat().st_size
 
 
-def read_json(path: Path, error: type[FileError] = FileError, limit: int = 64 << 20) -> object:
-    """A JSON file, refused in one line (`error`) when missing, not a regular file, over `limit` bytes or
+def read_json(path: Path, limit: int = 64 << 20) -> object:
+    """A JSON file, refused in one line (FileError) when missing, not a regular file, over `limit` bytes or
     not JSON."""
     try:
         size = regular_file_size(path)
         if size > limit:
-            raise error(f"{path}: {size} bytes is too large for this file")
+            raise FileError(f"{path}: {size} bytes is too large for this file")
         return json.loads(path.read_bytes())
     except FileNotFoundError:
-        raise error(f"{path}: file not found") from None
+        raise FileError(f"{path}: file not found") from None
     except (OSError, ValueError, RecursionError) as problem:  # RecursionError: nested beyond what json parses
-        raise error(f"{path}: not readable JSON ({short(str(problem).splitlines()[0])})") from None
+        raise FileError(f"{path}: not readable JSON ({str(problem).splitlines()[0]})") from None
 
 
 def read_record(path: Path, kind: type):
@@ -161,13 +161,12 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, list[i
                                                     list(handle.get_slice(key).get_shape())) for key in handle.keys()}
 
 
-def check_layout(path: Path, shapes: dict[str, list[int]], metadata_key: str, what: str) -> dict[str, str]:
-    """A weights file's header metadata, once its tensor names and shapes are `shapes` and it holds
-    `metadata_key`: checked before a byte of tensor data is read."""
+def check_weights_header(path: Path, shapes: dict[str, list[int]], metadata_key: str, what: str) -> None:
+    """A weights file holds exactly the tensor names and shapes `shapes` and the metadata entry
+    `metadata_key`: checked from its header, before a byte of tensor data is read."""
     metadata, layout = read_header(path)
     if {name: shape for name, (_, shape) in layout.items()} != shapes or metadata_key not in metadata:
         raise FileError(f"{path}: tensor names or shapes do not match {what}")
-    return metadata
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -123,9 +123,9 @@ class RunLock:
 
     def _in_use(self, holder: dict) -> UsageError:
         if isinstance(holder.get("pid"), int):
+            host, since = str(holder.get("host"))[:80], str(holder.get("since"))[:40]  # the file could hold anything
             return UsageError(f"--output-dir {self.path.parent} is in use by another run (pid {holder['pid']} on "
-                              f"{str(holder.get('host'))[:80]}, since {str(holder.get('since'))[:40]}); wait for it to end "
-                              f"or choose another directory")
+                              f"{host}, since {since}); wait for it to end or choose another directory")
         return UsageError(f"--output-dir {self.path.parent}: {self.path} names no run (a run that died while taking "
                           f"it, or not vgg_dist's); it counts as abandoned {STALE_AFTER_SECONDS} s after its last "
                           f"change, or remove it if no run uses {self.path.parent}")

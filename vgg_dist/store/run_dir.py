@@ -178,12 +178,14 @@ class Store:
             try:
                 lock = RunLock(path)
                 lock.acquire()
-            except (UsageError, OSError) as error:
+            except UsageError:
                 lock = None
                 _remove_if_empty(created)
-                if isinstance(error, OSError):
-                    raise UsageError(f"--output-dir {path}: cannot take its lock ({error})") from None
                 raise
+            except OSError as error:
+                lock = None
+                _remove_if_empty(created)
+                raise UsageError(f"--output-dir {path}: cannot take its lock ({error})") from None
             return str(path)
 
         store = cls(accelerator, Path(on_main(accelerator, take)))

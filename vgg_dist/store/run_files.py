@@ -25,7 +25,7 @@ from vgg_dist.errors import UsageError
 from vgg_dist.fields import FieldError, from_dict, short
 from vgg_dist.model import ModelSpec
 from vgg_dist.report import CurvePoint, EpochRecord, per_class_report, plot_confusion, plot_curves
-from vgg_dist.store.files import FileError, append_jsonl, read_json, regular_file_size, write_json, write_text
+from vgg_dist.store.files import FileError, append_jsonl, read_record, regular_file_size, write_json, write_text
 
 CONFIG_NAME, METRICS_NAME, CURVE_NAME, REPORT_NAME = "config.json", "metrics.jsonl", "train_curve.jsonl", "report.json"
 PICTURES = ("curves.png", "curves.svg", "confusion.png", "confusion.svg")
@@ -63,11 +63,10 @@ class RunInfo:
 def read_run_info(run_dir: Path) -> RunInfo:
     """A run's config.json, every field checked: it is a file anyone can edit."""
     path = Path(run_dir) / CONFIG_NAME
-    values = read_json(path)
+    info = read_record(path, RunInfo)
     try:
-        info = from_dict(RunInfo, values)  # the message starts with the file's path already
         info.model.check()
-    except (FieldError, UsageError) as error:
+    except UsageError as error:
         raise FileError(f"{path}: {error}") from None
     if len(info.class_names) != info.model.num_classes:
         raise FileError(f"{path}: class_names must list {info.model.num_classes} names, one per class")
